@@ -1,0 +1,5 @@
+import sys
+
+from mm_ptft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,280 @@
+"""Checkpoints: atomic save, resume discovery, ZeRO → fp32 consolidation, and safe loading of weights.
+
+Layout of a run's checkpoints::
+
+    runs/<name>/checkpoints/
+        latest                      the tag of the newest complete checkpoint (moved last, atomically)
+        step_00000100/              DeepSpeed's files (any ZeRO stage) +
+            meta.json               step, ZeRO stage, world size, param-group names
+            config.yaml             the run's resolved config (architecture checks on resume / export)
+            trainer_state_rank0.pt  per rank: data-stream position, RNG state, counters (weights-only loadable)
+        .partial-step_00000200/     a save in progress (or killed): never read, removed by the next save
+
+A save is written under ``.partial-<tag>`` by every rank, renamed to ``<tag>`` once all ranks are done, and only
+then does ``latest`` move. A kill at any point leaves the previous checkpoint loadable and named by ``latest``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from mm_ptft.config import ConfigError
+
+LATEST = "latest"
+PARTIAL_PREFIX = ".partial-"
+META = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, incomplete, of another architecture, or unsafe."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see either the old or the new content, never a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return tag_dir.is_dir() and not tag_dir.name.startswith(PARTIAL_PREFIX) and (tag_dir / META).is_file()
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (by step recorded in meta.json)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if is_complete(p)]
+    return sorted(found, key=lambda p: json.loads((p / META).read_text()).get("step", -1))
+
+
+def resolve_resume(ckpt_dir: Path, resume: str) -> Path | None:
+    """The checkpoint directory to resume from: ``latest`` (or the newest complete one) or a named tag/path."""
+    if resume != "latest":
+        path = Path(resume) if Path(resume).is_absolute() else ckpt_dir / resume
+        if not is_complete(path):
+            raise CheckpointError(f"checkpoint: {path} is not a complete checkpoint (no {META})")
+        return path
+    marker = ckpt_dir / LATEST
+    if marker.is_file():
+        path = ckpt_dir / marker.read_text().strip()
+        if is_complete(path):
+            return path
+    complete = list_checkpoints(ckpt_dir)
+    return complete[-1] if complete else None
+
+
+def read_meta(tag_dir: Path) -> dict:
+    try:
+        return json.loads((tag_dir / META).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint: cannot read {tag_dir / META}: {e}") from None
+
+
+def check_architecture(tag_dir: Path, model_cfg: dict) -> None:
+    """Refuse a checkpoint whose model section differs from this run's (before any process group starts)."""
+    path = tag_dir / "config.yaml"
+    if not path.is_file():
+        return
+    saved = (yaml.safe_load(path.read_text()) or {}).get("model", {})
+    diffs = _diff(saved, model_cfg)
+    if diffs:
+        raise CheckpointError(f"checkpoint: {tag_dir} holds another architecture ({'; '.join(diffs[:3])})")
+
+
+def _diff(a, b, prefix: str = "model") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if k in (
+                "lock",
+                "lock_unlocked_groups",
+                "lock_unlocked_layers",
+                "lock_embeddings",
+                "lock_norm_stats",
+                "fused_attn",
+                "attn_implementation",
+                "pretrained",
+            ):
+                continue  # freezing and kernels do not change the weights' shapes
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}")
+        return out
+    return [] if a == b else [f"{prefix}: {a!r} vs {b!r}"]
+
+
+def save_trainer_state(tag_dir: Path, rank: int, state: dict) -> None:
+    torch.save(state, tag_dir / f"trainer_state_rank{rank}.pt")
+
+
+def load_trainer_state(tag_dir: Path, rank: int) -> dict:
+    path = tag_dir / f"trainer_state_rank{rank}.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: {path} missing (was the checkpoint written by as many ranks?)")
+    return safe_load(path)
+
+
+def safe_load(path: str | Path) -> dict:
+    """``torch.load`` with the weights-only unpickler: tensors and plain containers only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - both unsafe payloads and corrupt files end here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint: refusing to load {path}: {first}") from None
+
+
+def publish(ckpt_dir: Path, tag: str, keep_last: int) -> None:
+    """Rename the finished ``.partial-<tag>`` into place, move ``latest``, prune old checkpoints.
+
+    Called by one process per node-local file system after a barrier that every rank has passed.
+    """
+    partial, final = ckpt_dir / f"{PARTIAL_PREFIX}{tag}", ckpt_dir / tag
+    if partial.is_dir():
+        if final.exists():
+            shutil.rmtree(final)
+        # on a shared file system another node's process may have renamed it first
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(partial, final)
+    atomic_write_text(ckpt_dir / LATEST, tag + "\n")
+    for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+        if old.name != tag:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_partials(ckpt_dir: Path) -> None:
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.glob(f"{PARTIAL_PREFIX}*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fp32 weights for fine-tuning, evaluation and export
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def consolidate(tag_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The model's fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (names relative to the model)."""
+    from mm_ptft.distributed.engine import fp32_state_dict
+
+    tag_dir = Path(tag_dir)
+    meta = read_meta(tag_dir)
+    state = fp32_state_dict(tag_dir, meta.get("param_group_names"))
+    prefix = meta.get("model_prefix", "model.")
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Atomic safetensors write (tensors made contiguous; shared storage is cloned)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_weights(source: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 model weights from a ``.safetensors`` file, a checkpoint tag directory, a run directory (its
+    ``model.safetensors``, else its latest checkpoint) or a ``.pt``/``.bin`` state dict (weights-only)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint: {path} does not exist")
+    if path.is_dir():
+        if (path / "model.safetensors").is_file():
+            return load_weights(path / "model.safetensors")
+        if is_complete(path):
+            return consolidate(path)
+        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        tag_dir = resolve_resume(ckpt_dir, "latest")
+        if tag_dir is None:
+            raise CheckpointError(f"checkpoint: no model.safetensors and no complete checkpoint under {path}")
+        return consolidate(tag_dir)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"checkpoint: cannot read {path}: {e}") from None
+    state = safe_load(path)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint: {path} does not hold a state dict")
+    return state
+
+
+def config_of(source: str | Path) -> dict | None:
+    """The resolved config saved beside weights (run dir, checkpoint dir, or next to a .safetensors)."""
+    path = Path(source).expanduser()
+    candidates = [path / "config.yaml"] if path.is_dir() else [path.parent / "config.yaml"]
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        latest = resolve_resume(path / "checkpoints", "latest")
+        if latest is not None:
+            candidates.append(latest / "config.yaml")
+    for c in candidates:
+        if c.is_file():
+            return yaml.safe_load(c.read_text())
+    return None
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
+    """Load ``state`` strictly, turning shape / key mismatches into a one-line error."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatches, e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}")
+        if missing:
+            parts.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+        raise CheckpointError(f"checkpoint: {what} does not fit this model ({'; '.join(parts)})")
+    model.load_state_dict(state, strict=True)
+
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "atomic_write_text",
+    "check_architecture",
+    "clean_partials",
+    "config_of",
+    "consolidate",
+    "list_checkpoints",
+    "load_model_weights",
+    "load_trainer_state",
+    "load_weights",
+    "publish",
+    "read_meta",
+    "resolve_resume",
+    "safe_load",
+    "save_trainer_state",
+    "save_weights",
+    "tag_for",
+]

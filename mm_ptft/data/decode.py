@@ -1,0 +1,96 @@
+"""Raw shard samples → (image tensor, caption, label), with bad samples counted by reason instead of raised."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+# reasons a sample is skipped; these names appear in metrics (bad/<reason>) and warnings
+BAD_REASONS = (
+    "missing_image",
+    "bad_image",
+    "missing_caption",
+    "oversized_caption",
+    "bad_json",
+    "tar_error",
+    "shard_open_error",
+)
+
+
+@dataclass
+class BadSampleLog:
+    """Counts skipped samples by reason and warns (rate-limited) with the shard and key of each."""
+
+    counts: Counter = field(default_factory=Counter)
+    max_warnings: int = 20
+    warned: int = 0
+
+    def __call__(self, reason: str, url: str, detail: str) -> None:
+        self.counts[reason] += 1
+        if self.warned < self.max_warnings:
+            self.warned += 1
+            warnings.warn(f"data: skipped ({reason}) in {url}: {detail}", stacklevel=2)
+
+    def take(self) -> dict[str, int]:
+        """Counts since the last call (so each batch carries the bad samples found while it was made)."""
+        out = dict(self.counts)
+        self.counts.clear()
+        return out
+
+
+@dataclass
+class Decoded:
+    image: torch.Tensor
+    caption: str
+    label: int
+    key: str
+
+
+def decode_sample(
+    raw: dict,
+    transform: Callable[[Image.Image], torch.Tensor],
+    image_keys: list[str],
+    caption_key: str,
+    max_caption_chars: int,
+    log: BadSampleLog,
+    need_caption: bool = True,
+) -> Decoded | None:
+    """Decode one raw sample; return None (and log the reason) when it cannot be used."""
+    key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
+    image_bytes = next((raw[k] for k in image_keys if k in raw), None)
+    if image_bytes is None:
+        log("missing_image", url, key)
+        return None
+    caption = ""
+    if need_caption:
+        caption_bytes = raw.get(caption_key)
+        caption = caption_bytes.decode("utf-8", errors="replace").strip() if caption_bytes else ""
+        if not caption:
+            log("missing_caption", url, key)
+            return None
+        if len(caption) > max_caption_chars:
+            log("oversized_caption", url, f"{key} ({len(caption)} chars)")
+            return None
+    label = -1
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+            label = int(meta.get("label", -1)) if isinstance(meta, dict) else -1
+        except (ValueError, TypeError, UnicodeDecodeError):
+            log("bad_json", url, key)
+            return None
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as im:
+            im.load()
+            image = transform(im)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "bad image"
+        log("bad_image", url, f"{key}: {type(e).__name__}: {e}")
+        return None
+    return Decoded(image=image, caption=caption, label=label, key=key)

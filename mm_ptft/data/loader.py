@@ -1,0 +1,199 @@
+"""Batches for training (infinite, shuffled, exactly resumable) and evaluation (finite, split across ranks).
+
+A training batch is a dict::
+
+    image          (B, C, H, W) float32, normalised
+    input_ids      (B, L) long          attention_mask (B, L) long
+    label          (B,) long (-1 where the shard has no label)
+    key            list[str] of sample keys
+    _state         {"worker": logical worker id on this rank, "position": (group, offset) after the batch,
+                    "samples": raw samples consumed (good + bad), "bad": {reason: count}}
+
+The trainer feeds each ``_state`` to :class:`DataPosition`, which is what a checkpoint stores; a loader built from
+a restored position yields exactly the batches an uninterrupted run would have yielded next.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mm_ptft.config import DataConfig
+from mm_ptft.data.decode import BadSampleLog, Decoded, decode_sample
+from mm_ptft.data.shards import DataError, ShardSet
+from mm_ptft.data.stream import StreamSpec, read_tar, worker_stream
+
+
+@dataclass
+class DataPosition:
+    """Where each logical worker of this rank stands, and how many batches the rank has consumed."""
+
+    world_size: int
+    num_workers: int  # logical workers per rank (max(DataLoader workers, 1))
+    batches: int = 0
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def update(self, state: dict) -> None:
+        self.positions[int(state["worker"])] = tuple(state["position"])
+        self.batches += 1
+
+    @property
+    def rotation(self) -> int:
+        # the DataLoader serves workers round-robin from physical worker 0; the next batch is due from logical
+        # worker (batches % W), so a resumed loader maps physical worker p to logical (p + rotation) % W
+        return self.batches % self.num_workers
+
+    def state_dict(self) -> dict:
+        return {
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "batches": self.batches,
+            "positions": {str(k): list(v) for k, v in self.positions.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict, world_size: int, num_workers: int) -> DataPosition:
+        if state["world_size"] != world_size or state["num_workers"] != num_workers:
+            raise DataError(
+                f"data: the checkpoint's stream ran on {state['world_size']} ranks × {state['num_workers']} workers, "
+                f"this run has {world_size} × {num_workers}; resume with the same layout to continue the same samples"
+            )
+        positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["positions"].items()}
+        return cls(world_size, num_workers, int(state["batches"]), positions)
+
+
+def _sample_seed(*parts: int) -> int:
+    # tuples of ints hash identically in every process (PYTHONHASHSEED only salts str/bytes)
+    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _collate(items: list[Decoded], tokenize: Callable[[list[str]], dict] | None) -> dict:
+    batch = {
+        "image": torch.stack([d.image for d in items]),
+        "label": torch.tensor([d.label for d in items], dtype=torch.long),
+        "key": [d.key for d in items],
+    }
+    if tokenize is not None:
+        batch.update(tokenize([d.caption for d in items]))
+    return batch
+
+
+class TrainStream(IterableDataset):
+    """Infinite training batches of one rank; each DataLoader worker is one logical worker of the stream."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        cfg: DataConfig,
+        transform: Callable,
+        tokenize: Callable[[list[str]], dict] | None,
+        seed: int,
+        rank: int,
+        position: DataPosition,
+    ):
+        self.shards, self.cfg, self.transform, self.tokenize = shards, cfg, transform, tokenize
+        self.seed, self.rank, self.position = seed, rank, position
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        n_local = self.position.num_workers
+        physical = info.id if info is not None else 0
+        local = (physical + self.position.rotation) % n_local
+        logical = self.rank * n_local + local
+        spec = StreamSpec(
+            urls=tuple(self.shards.urls),
+            seed=self.seed,
+            n_workers=self.position.world_size * n_local,
+            group_size=self.cfg.shuffle_group,
+            shuffle=self.cfg.shuffle,
+            resampled=self.cfg.resampled,
+        )
+        log = BadSampleLog()
+        items: list[Decoded] = []
+        consumed = 0
+        for raw, (group, offset) in worker_stream(spec, logical, self.position.positions.get(local, (0, 0)), log):
+            consumed += 1
+            # augmentation randomness is a function of the sample's stream position: identical after a resume
+            torch.default_generator.manual_seed(_sample_seed(self.seed, logical, group, offset))
+            decoded = decode_sample(
+                raw, self.transform, self.cfg.image_keys, self.cfg.caption_key, self.cfg.max_caption_chars, log
+            )
+            if decoded is None:
+                continue
+            items.append(decoded)
+            if len(items) == self.cfg.batch_size:
+                batch = _collate(items, self.tokenize)
+                bad = log.take()
+                batch["_state"] = {
+                    "worker": local,
+                    "position": (group, offset),
+                    "samples": consumed + sum(v for k, v in bad.items() if k in ("tar_error", "shard_open_error")),
+                    "bad": bad,
+                }
+                yield batch
+                items, consumed = [], 0
+
+
+class EvalStream(IterableDataset):
+    """Held-out samples in shard order; sample i belongs to global worker i % (ranks × workers). Finite."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        cfg: DataConfig,
+        transform: Callable,
+        tokenize: Callable[[list[str]], dict] | None,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        max_samples: int | None = None,
+        need_caption: bool = True,
+    ):
+        self.shards, self.cfg, self.transform, self.tokenize = shards, cfg, transform, tokenize
+        self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
+        self.max_samples, self.need_caption = max_samples, need_caption
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        n_global = self.world_size * self.num_workers
+        mine = self.rank * self.num_workers + worker
+        log = BadSampleLog()
+        items: list[Decoded] = []
+        index = 0
+        for url in self.shards.urls:
+            for raw in read_tar(url, log):
+                if self.max_samples is not None and index >= self.max_samples:
+                    break
+                index += 1
+                if (index - 1) % n_global != mine:
+                    continue
+                decoded = decode_sample(
+                    raw, self.transform, self.cfg.image_keys, self.cfg.caption_key, self.cfg.max_caption_chars, log,
+                    need_caption=self.need_caption,
+                )
+                if decoded is not None:
+                    items.append(decoded)
+                if len(items) == self.batch_size:
+                    yield {**_collate(items, self.tokenize), "_bad": log.take()}
+                    items = []
+        if items:
+            yield {**_collate(items, self.tokenize), "_bad": log.take()}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: IterableDataset, workers: int, prefetch: int) -> DataLoader:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after the tokenizer is used
+    kwargs = {"prefetch_factor": prefetch, "worker_init_fn": _worker_init} if workers > 0 else {}
+    # an own generator: creating the iterator must not draw from the global RNG, or a resumed run's dropout noise
+    # would drift from the uninterrupted run's (sample randomness is seeded by stream position instead)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(0), **kwargs)

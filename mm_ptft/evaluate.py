@@ -1,0 +1,99 @@
+"""``mm-ptft eval``: evaluate trained weights on held-out shards, on one process, without DeepSpeed.
+
+    mm-ptft eval --model runs/pretrain-fmnist [--config X] [eval.data=data/fmnist eval.evaluators=[zeroshot]]
+                 [--out results.json]
+
+The model's config comes from the run (``config.yaml`` beside the weights) unless ``--config`` is given; the
+results are printed and written as JSON with CLIP_benchmark's metric names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mm_ptft import checkpoint as ckpt
+from mm_ptft.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+
+
+def load_trained(source: str | Path, cfg: Config | None = None, overrides: list[str] | None = None):
+    """(config, model with fp32 weights) for a run dir, checkpoint dir or weights file."""
+    if cfg is None:
+        data = ckpt.config_of(source)
+        if data is None:
+            raise ConfigError(f"config: no config.yaml beside {source}; pass --config")
+        cfg = config_from_dict(apply_overrides(data, list(overrides or [])))
+    from mm_ptft.tasks import create_task
+
+    task = create_task(cfg)
+    ckpt.load_model_weights(task.model, ckpt.load_weights(source), what=str(source))
+    return cfg, task.model.eval()
+
+
+def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device | None = None) -> dict[str, float]:
+    """Run ``cfg.eval.evaluators`` on ``cfg.eval.data`` in this process."""
+    from mm_ptft.data import EvalStream, create_transform, make_loader, resolve_shards
+    from mm_ptft.eval import EvalContext, check_classnames, read_lines_or_list, run_evaluators
+    from mm_ptft.models import create_tokenizer, tokenize
+    from mm_ptft.train.trainer import image_norm_stats
+
+    if not cfg.eval.data:
+        raise ConfigError("config: eval.data is required (held-out shards or a data_tools dataset dir)")
+    device = device or torch.device("cpu")
+    shards = resolve_shards(cfg.eval.data, cfg.eval.split)
+    classnames = read_lines_or_list(cfg.eval.classnames, "eval.classnames") or shards.meta.get("classnames")
+    templates = read_lines_or_list(cfg.eval.templates, "eval.templates") or shards.meta.get("templates")
+    if classnames and templates:
+        check_classnames(classnames, templates)
+    tokenizer = create_tokenizer(cfg.model.text)
+
+    def tok(texts):
+        return tokenize(tokenizer, texts, cfg.model.text.context_length)
+
+    image = cfg.model.image
+    mean, std = image_norm_stats(cfg)
+    transform = create_transform(cfg.data.image, image.image_size, image.in_chans, mean, std, False)
+    workers = min(cfg.data.workers, 1)
+
+    def batches():
+        stream = EvalStream(
+            shards, cfg.data, transform, tok, cfg.eval.batch_size, 0, 1, max(workers, 1), cfg.eval.max_samples
+        )
+        return make_loader(stream, workers, cfg.data.prefetch)
+
+    def dummy():
+        raise AssertionError("single-process evaluation never needs a dummy batch")
+
+    model = model.to(device).eval()
+    ctx = EvalContext(model, tok, batches, dummy, device, classnames, templates)
+    with torch.no_grad():
+        return run_evaluators(cfg.eval.evaluators, ctx)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mm-ptft eval", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="run dir, checkpoint dir, or .safetensors with config.yaml beside")
+    p.add_argument("--config", "-c", help="config to use instead of the one saved with the model")
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.data=data/fmnist")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    cfg, model = load_trained(args.model, cfg, args.overrides)
+    t0 = time.perf_counter()
+    metrics = evaluate_model(cfg, model)
+    result = {
+        "model": str(args.model),
+        "dataset": cfg.eval.data,
+        "metrics": metrics,
+        "eval_time_s": time.perf_counter() - t0,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        ckpt.atomic_write_text(Path(args.out), text + "\n")
+    return 0

@@ -1,0 +1,7 @@
+"""Tasks: model + loss → ``{"loss": …, metrics}``. The DeepSpeed engine wraps a Task; the Trainer never knows
+which loss it trains. New tasks register a builder ``fn(cfg, rank, world_size) -> Task`` in ``TASKS``."""
+
+from mm_ptft.tasks.base import TASKS, Task, create_task
+from mm_ptft.tasks.contrastive import ContrastiveTask
+
+__all__ = ["TASKS", "ContrastiveTask", "Task", "create_task"]

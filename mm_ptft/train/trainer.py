@@ -1,0 +1,384 @@
+"""The Trainer: build, loop, step, evaluate, save, resume — read it top to bottom.
+
+It trains whatever Task the config names (contrastive pretraining, or a fine-tuning task) under a DeepSpeed engine,
+on one process or many. Checks that need no process group (config, shards, output dir, resume checkpoint) run first,
+so a bad input fails in one line before any rank starts talking to another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from mm_ptft import checkpoint as ckpt
+from mm_ptft.config import Config, ConfigError, config_to_dict, save_config
+from mm_ptft.data import DataError, DataPosition, EvalStream, TrainStream, create_transform, make_loader, resolve_shards
+from mm_ptft.distributed import all_reduce_sum, barrier, init_distributed, is_main_process
+from mm_ptft.eval import EvalContext, check_classnames, read_lines_or_list, run_evaluators
+from mm_ptft.tasks import create_task
+from mm_ptft.train.logger import MetricsLogger
+from mm_ptft.train.optim import create_optimizer, create_scheduler
+
+MIN_SAMPLES_FOR_BAD_CHECK = 512  # don't judge the bad-sample fraction on a handful of samples
+
+
+def image_norm_stats(cfg: Config) -> tuple[list[float], list[float]]:
+    """Normalisation mean/std: the config's, else the timm model's pretrained_cfg (averaged for 1 channel)."""
+    import timm
+
+    mean, std = cfg.data.image.mean, cfg.data.image.std
+    if mean is None or std is None:
+        pcfg = timm.models.get_pretrained_cfg(cfg.model.image.name)
+        pmean = list(getattr(pcfg, "mean", None) or (0.485, 0.456, 0.406))
+        pstd = list(getattr(pcfg, "std", None) or (0.229, 0.224, 0.225))
+        if cfg.model.image.in_chans == 1:
+            pmean, pstd = [sum(pmean) / len(pmean)], [sum(pstd) / len(pstd)]
+        mean, std = mean or pmean, std or pstd
+    return list(mean), list(std)
+
+
+class Trainer:
+    """Trains ``cfg.task`` for ``cfg.train.steps`` optimizer steps; see ``train()``."""
+
+    # ------------------------------------------------------------------------------------------------- build
+    def __init__(self, cfg: Config, local_rank: int | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.output_dir) / (cfg.train.name or "run")
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self._preflight()
+        self.dist = init_distributed(cfg.deepspeed.backend, local_rank)
+        self.rank, self.world = self.dist.rank, self.dist.world_size
+        self.device = self.dist.device
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        if is_main_process():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        barrier()
+
+        torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
+        self.task = create_task(cfg, self.rank, self.world)
+        self.model = self.task.model
+        if cfg.deepspeed.activation_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.tokenizer = self._create_tokenizer()
+        self.mean, self.std = image_norm_stats(cfg)
+
+        self.global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum_steps * self.world
+        self.total_steps = self._total_steps()
+        optimizer = create_optimizer(self.model, cfg.optim, prefix="model.")
+        self.param_group_names = [g["param_names"] for g in optimizer.param_groups]
+        scheduler = create_scheduler(optimizer, cfg.optim, self.total_steps)
+        from mm_ptft.distributed.engine import build_ds_config, create_engine
+
+        self.engine = create_engine(self.task, optimizer, scheduler, build_ds_config(cfg, self.world))
+
+        self.step = 0
+        self.position = DataPosition(self.world, max(cfg.data.workers, 1))
+        self.bad = Counter()
+        self.samples_read = 0  # raw samples this rank consumed (good + bad)
+        self.logger = MetricsLogger(self.run_dir, cfg.train.tensorboard, enabled=is_main_process())
+        if self.resume_dir is not None:
+            self._resume(self.resume_dir)
+        else:
+            torch.manual_seed(cfg.train.seed + 1 + self.rank)  # different dropout / drop-path noise per rank
+
+    def _preflight(self) -> None:
+        """Every check that needs no process group: fail here in one line, before ranks connect."""
+        cfg = self.cfg
+        if cfg.data.train is None:
+            raise ConfigError("config: data.train is required (a shard pattern or a data_tools dataset dir)")
+        self.train_shards = resolve_shards(cfg.data.train, cfg.data.train_split)
+        self.eval_shards = resolve_shards(cfg.eval.data, cfg.eval.split) if cfg.eval.data else None
+        out = Path(cfg.train.output_dir)
+        probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+        if not os.access(probe, os.W_OK):
+            raise ConfigError(f"config: train.output_dir {out} is not writable")
+        self.resume_dir = None
+        if cfg.train.resume:
+            self.resume_dir = ckpt.resolve_resume(self.ckpt_dir, cfg.train.resume)
+            if self.resume_dir is None:
+                if cfg.train.resume != "latest":
+                    raise ckpt.CheckpointError(f"checkpoint: nothing to resume in {self.ckpt_dir}")
+            else:
+                ckpt.check_architecture(self.resume_dir, config_to_dict(cfg)["model"])
+        self.classnames, self.templates = self._classnames_templates()
+
+    def _classnames_templates(self) -> tuple[list[str] | None, list[str] | None]:
+        meta = self.eval_shards.meta if self.eval_shards is not None else {}
+        classnames = read_lines_or_list(self.cfg.eval.classnames, "eval.classnames") or meta.get("classnames")
+        templates = read_lines_or_list(self.cfg.eval.templates, "eval.templates") or meta.get("templates")
+        if classnames and templates:
+            check_classnames(classnames, templates)
+        return classnames, templates
+
+    def _create_tokenizer(self):
+        if not self.task.needs_caption:
+            return None
+        from mm_ptft.models import create_tokenizer
+
+        return create_tokenizer(self.cfg.model.text)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        from mm_ptft.models import tokenize
+
+        return tokenize(self.tokenizer, texts, self.cfg.model.text.context_length)
+
+    def _total_steps(self) -> int:
+        if self.cfg.train.steps is not None:
+            return self.cfg.train.steps
+        n = self.cfg.data.num_samples or self.train_shards.num_samples
+        if n is None:
+            raise ConfigError("config: set train.steps or data.num_samples (the shards have no sizes.json)")
+        return max(1, int(self.cfg.train.epochs * n // self.global_batch))
+
+    def _train_loader(self):
+        cfg = self.cfg
+        image = cfg.model.image
+        transform = create_transform(cfg.data.image, image.image_size, image.in_chans, self.mean, self.std, True)
+        stream = TrainStream(
+            self.train_shards,
+            cfg.data,
+            transform,
+            self.tokenize if self.tokenizer else None,
+            cfg.train.seed,
+            self.rank,
+            self.position,
+        )
+        return make_loader(stream, cfg.data.workers, cfg.data.prefetch)
+
+    # -------------------------------------------------------------------------------------------------- loop
+    def train(self) -> dict:
+        """Run to ``total_steps`` (or ``train.stop_after``); evaluate, checkpoint, consolidate and report."""
+        cfg = self.cfg
+        batches = iter(self._train_loader())
+        progress = self._progress()
+        window = {"time": 0.0, "data": 0.0, "steps": 0, "loss": 0.0}
+        stopped_early = False
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            out, data_time = self.train_step(batches)
+            elapsed = time.perf_counter() - t0
+            window["time"] += elapsed
+            window["data"] += data_time
+            window["steps"] += 1
+            window["loss"] += out["loss"]
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{out['loss']:.3f}", sps=f"{self.global_batch / elapsed:.0f}")
+            if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                self._log_train(out, window)
+                window = {"time": 0.0, "data": 0.0, "steps": 0, "loss": 0.0}
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
+                self.evaluate()
+            if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
+                self.save()
+            if cfg.train.stop_after is not None and self.step >= cfg.train.stop_after:
+                stopped_early = True
+                break
+        if progress is not None:
+            progress.close()
+        return self._finish(stopped_early)
+
+    def train_step(self, batches) -> tuple[dict, float]:
+        """One optimizer step (``grad_accum_steps`` micro-batches). Returns (metrics, seconds waiting for data)."""
+        data_time, metrics = 0.0, {}
+        for _ in range(self.cfg.deepspeed.grad_accum_steps):
+            t = time.perf_counter()
+            batch = next(batches)
+            data_time += time.perf_counter() - t
+            self._account(batch)
+            out = self.engine(self._to_device(batch))
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            for k, v in out.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v.detach().float()) / self.cfg.deepspeed.grad_accum_steps
+        self.step += 1
+        return metrics, data_time
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _account(self, batch: dict) -> None:
+        state = batch.pop("_state")
+        self.position.update(state)
+        self.samples_read += state["samples"]
+        self.bad.update(state["bad"])
+        if self.cfg.train.record_keys:
+            with (self.run_dir / f"keys_rank{self.rank}.jsonl").open("a") as f:
+                f.write(json.dumps({"step": self.step, "keys": batch["key"]}) + "\n")
+
+    def _progress(self):
+        if not (self.cfg.train.progress and is_main_process()):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, desc=self.run_dir.name, unit="step", dynamic_ncols=True)
+
+    def _log_train(self, out: dict, window: dict) -> None:
+        # one collective per log step: loss averaged over ranks, bad-sample counts summed over ranks
+        stats = all_reduce_sum(
+            torch.tensor([window["loss"], float(sum(self.bad.values())), float(self.samples_read)], dtype=torch.float64)
+        )
+        loss = stats[0].item() / self.world / max(window["steps"], 1)
+        bad, read = int(stats[1].item()), int(stats[2].item())
+        step_time = window["time"] / max(window["steps"], 1)
+        optimizer = self.engine.optimizer
+        record = {
+            "loss": loss,
+            "lr": self.engine.lr_scheduler.get_last_lr()[0] / optimizer.param_groups[0].get("lr_scale", 1.0),
+            "samples": self.step * self.global_batch,
+            "epoch": self.step * self.global_batch / (self.cfg.data.num_samples or self.train_shards.num_samples or 1),
+            "samples_per_s": self.global_batch / step_time if step_time > 0 else None,
+            "step_time_s": step_time,
+            "data_wait_frac": window["data"] / window["time"] if window["time"] > 0 else 0.0,
+            "bad_samples": bad,
+        }
+        for group in optimizer.param_groups:
+            if "name" in group:
+                record[f"lr/{group['name']}"] = group["lr"]
+        for k, v in out.items():
+            if k != "loss":
+                record[k] = v
+        self.logger.log("train", self.step, record)
+        if bad and read >= MIN_SAMPLES_FOR_BAD_CHECK and bad / read > self.cfg.data.max_bad_fraction:
+            raise DataError(
+                f"data: {bad} of {read} samples were bad ({dict(self.bad)} on rank {self.rank}), above "
+                f"data.max_bad_fraction={self.cfg.data.max_bad_fraction}; check the shards with "
+                f"`python -m data_tools verify {self.cfg.data.train}`"
+            )
+
+    # -------------------------------------------------------------------------------------------- evaluate
+    def evaluate(self) -> dict:
+        """Run ``eval.evaluators`` on the held-out shards, on every rank (ZeRO-3 needs all ranks), log on rank 0."""
+        if self.eval_shards is None:
+            return {}
+        cfg = self.cfg
+        image = cfg.model.image
+        transform = create_transform(cfg.data.image, image.image_size, image.in_chans, self.mean, self.std, False)
+        workers = min(cfg.data.workers, 1)
+
+        def batches():
+            stream = EvalStream(
+                self.eval_shards,
+                cfg.data,
+                transform,
+                self.tokenize if self.tokenizer else None,
+                cfg.eval.batch_size,
+                self.rank,
+                self.world,
+                max(workers, 1),
+                cfg.eval.max_samples,
+                need_caption=self.tokenizer is not None,
+            )
+            return make_loader(stream, workers, cfg.data.prefetch)
+
+        def dummy():
+            batch = {
+                "image": torch.zeros(1, image.in_chans, image.image_size, image.image_size),
+                "label": torch.zeros(1, dtype=torch.long),
+            }
+            if self.tokenizer is not None:
+                batch.update(self.tokenize([""]))
+            return batch
+
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        t0 = time.perf_counter()
+        ctx = EvalContext(self.model, self.tokenize, batches, dummy, self.device, self.classnames, self.templates)
+        metrics = run_evaluators(cfg.eval.evaluators, ctx)
+        metrics["eval_time_s"] = time.perf_counter() - t0
+        module.train(was_training)
+        self.logger.log("eval", self.step, metrics)
+        if is_main_process():
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("acc1", "recall@1")))
+            print(f"[eval step {self.step}] {shown}", flush=True)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ save/resume
+    def save(self, tag: str | None = None) -> Path:
+        """Checkpoint model, optimizer, scheduler, data position and RNG; published atomically (see checkpoint)."""
+        from mm_ptft.distributed.engine import save_engine_checkpoint
+
+        tag = tag or ckpt.tag_for(self.step)
+        partial = self.ckpt_dir / f"{ckpt.PARTIAL_PREFIX}{tag}"
+        if self.dist.local_rank == 0:
+            ckpt.clean_partials(self.ckpt_dir)
+        barrier()
+        save_engine_checkpoint(self.engine, self.ckpt_dir, partial.name, {"mm_ptft_step": self.step})
+        ckpt.save_trainer_state(
+            partial,
+            self.rank,
+            {
+                "step": self.step,
+                "data": self.position.state_dict(),
+                "samples_read": self.samples_read,
+                "bad": dict(self.bad),
+                "rng": torch.get_rng_state(),
+            },
+        )
+        if is_main_process():
+            save_config(self.cfg, partial / "config.yaml")
+            meta = {
+                "step": self.step,
+                "tag": tag,
+                "zero_stage": self.cfg.deepspeed.zero_stage,
+                "precision": self.cfg.deepspeed.precision,
+                "world_size": self.world,
+                "task": self.cfg.task,
+                "model_prefix": "model.",
+                "param_group_names": self.param_group_names,
+            }
+            ckpt.atomic_write_text(partial / ckpt.META, json.dumps(meta, indent=1))
+        barrier()  # every rank's files are on disk before the checkpoint becomes visible
+        if self.dist.local_rank == 0:
+            ckpt.publish(self.ckpt_dir, tag, self.cfg.train.keep_last)
+        barrier()
+        return self.ckpt_dir / tag
+
+    def _resume(self, tag_dir: Path) -> None:
+        from mm_ptft.distributed.engine import load_engine_checkpoint
+
+        meta = ckpt.read_meta(tag_dir)
+        if meta.get("world_size") != self.world:
+            raise ckpt.CheckpointError(
+                f"checkpoint: {tag_dir} was written by {meta.get('world_size')} ranks, this run has {self.world}; "
+                "resume with the same number of ranks (or consolidate it and fine-tune from the weights)"
+            )
+        load_engine_checkpoint(self.engine, tag_dir.parent, tag_dir.name)
+        state = ckpt.load_trainer_state(tag_dir, self.rank)
+        self.step = int(state["step"])
+        self.position = DataPosition.from_state_dict(state["data"], self.world, max(self.cfg.data.workers, 1))
+        self.samples_read = int(state["samples_read"])
+        self.bad = Counter(state["bad"])
+        torch.set_rng_state(state["rng"])
+        if is_main_process():
+            print(f"resumed from {tag_dir} at step {self.step}", flush=True)
+
+    # ------------------------------------------------------------------------------------------------ finish
+    def _finish(self, stopped_early: bool) -> dict:
+        if stopped_early:
+            self.logger.close()
+            return {"step": self.step, "stopped_early": True}
+        metrics = self.evaluate()
+        tag_dir = self.save()
+        if self.cfg.train.consolidate and is_main_process():
+            state = ckpt.consolidate(tag_dir)
+            ckpt.save_weights(state, self.run_dir / "model.safetensors", {"step": str(self.step)})
+        barrier()
+        summary = {"step": self.step, "samples": self.step * self.global_batch, "bad_samples": sum(self.bad.values())}
+        summary.update(metrics)
+        self.logger.log("summary", self.step, summary)
+        self.logger.close()
+        if self.cfg.train.report and is_main_process():
+            from mm_ptft.report import write_report
+
+            path = write_report(self.run_dir)
+            print(f"report: {path}", flush=True)
+        return summary
