@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,8 +121,16 @@ def cmd_data(argv: list[str]) -> int:
     return data_tools.main(argv)
 
 
+def _quiet_known_deprecations() -> None:
+    # third-party deprecation chatter repeated by every rank on every step; not actionable by a user of mm-ptft
+    for module in ("open_clip.loss", "torch.distributed", "deepspeed"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    warnings.filterwarnings("ignore", message=".*all_gather.* is deprecated.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_known_deprecations()
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print("commands: " + ", ".join(COMMANDS.list()))

@@ -8,6 +8,7 @@ Every setting lives in one dataclass field, typed and commented once. A run's co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -232,6 +233,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config: {key}={value!r} has the wrong type (expected a mapping)")
         return dict(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config: {key}={value!r} has the wrong type (expected float)")
         return float(value)

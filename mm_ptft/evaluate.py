@@ -21,7 +21,7 @@ from mm_ptft.config import Config, ConfigError, apply_overrides, config_from_dic
 
 
 def load_trained(source: str | Path, cfg: Config | None = None, overrides: list[str] | None = None):
-    """(config, model with fp32 weights) for a run dir, checkpoint dir or weights file."""
+    """(config, task holding the trained fp32 weights) for a run dir, checkpoint dir or weights file."""
     if cfg is None:
         data = ckpt.config_of(source)
         if data is None:
@@ -31,12 +31,12 @@ def load_trained(source: str | Path, cfg: Config | None = None, overrides: list[
 
     task = create_task(cfg)
     ckpt.load_model_weights(task.model, ckpt.load_weights(source), what=str(source))
-    return cfg, task.model.eval()
+    return cfg, task.eval()
 
 
-def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device | None = None) -> dict[str, float]:
-    """Run ``cfg.eval.evaluators`` on ``cfg.eval.data`` in this process."""
-    from mm_ptft.data import EvalStream, create_transform, make_loader, resolve_shards
+def evaluate_model(cfg: Config, task: torch.nn.Module, device: torch.device | None = None) -> dict[str, float]:
+    """Run ``cfg.eval.evaluators`` on ``cfg.eval.data`` in this process (the same evaluators as training)."""
+    from mm_ptft.data import EvalStream, make_loader, resolve_shards
     from mm_ptft.eval import EvalContext, check_classnames, read_lines_or_list, run_evaluators
     from mm_ptft.models import create_tokenizer, tokenize
     from mm_ptft.train.trainer import image_norm_stats
@@ -49,27 +49,31 @@ def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device | N
     templates = read_lines_or_list(cfg.eval.templates, "eval.templates") or shards.meta.get("templates")
     if classnames and templates:
         check_classnames(classnames, templates)
-    tokenizer = create_tokenizer(cfg.model.text)
+    tok = None
+    if cfg.model.text.pretrained or cfg.model.text.tokenizer:
+        tokenizer = create_tokenizer(cfg.model.text)
 
-    def tok(texts):
-        return tokenize(tokenizer, texts, cfg.model.text.context_length)
+        def tok(texts):
+            return tokenize(tokenizer, texts, cfg.model.text.context_length)
 
-    image = cfg.model.image
     mean, std = image_norm_stats(cfg)
-    transform = create_transform(cfg.data.image, image.image_size, image.in_chans, mean, std, False)
     workers = min(cfg.data.workers, 1)
 
     def batches():
         stream = EvalStream(
-            shards, cfg.data, transform, tok, cfg.eval.batch_size, 0, 1, max(workers, 1), cfg.eval.max_samples
+            shards,
+            task.decoder(cfg, False, mean, std),
+            task.collator(tok),
+            cfg.eval.batch_size,
+            0,
+            1,
+            max(workers, 1),
+            cfg.eval.max_samples,
         )
         return make_loader(stream, workers, cfg.data.prefetch)
 
-    def dummy():
-        raise AssertionError("single-process evaluation never needs a dummy batch")
-
-    model = model.to(device).eval()
-    ctx = EvalContext(model, tok, batches, dummy, device, classnames, templates)
+    task = task.to(device).eval()
+    ctx = EvalContext(task, tok, batches, lambda: task.dummy_batch(cfg, tok), device, classnames, templates)
     with torch.no_grad():
         return run_evaluators(cfg.eval.evaluators, ctx)
 
@@ -83,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     cfg = load_config(args.config, args.overrides) if args.config else None
-    cfg, model = load_trained(args.model, cfg, args.overrides)
+    cfg, task = load_trained(args.model, cfg, args.overrides)
     t0 = time.perf_counter()
-    metrics = evaluate_model(cfg, model)
+    metrics = evaluate_model(cfg, task)
     result = {
         "model": str(args.model),
         "dataset": cfg.eval.data,

@@ -1,6 +1,6 @@
 """Webdataset shards → decoded, augmented, tokenized batches (deterministic and exactly resumable)."""
 
-from mm_ptft.data.decode import BAD_REASONS, BadSampleLog
+from mm_ptft.data.decode import BAD_REASONS, BadSampleLog, Collator, SampleDecoder, decode_sample
 from mm_ptft.data.loader import DataPosition, EvalStream, TrainStream, make_loader
 from mm_ptft.data.shards import DataError, ShardSet, resolve_shards
 from mm_ptft.data.transforms import create_transform
@@ -8,12 +8,15 @@ from mm_ptft.data.transforms import create_transform
 __all__ = [
     "BAD_REASONS",
     "BadSampleLog",
+    "Collator",
     "DataError",
     "DataPosition",
     "EvalStream",
+    "SampleDecoder",
     "ShardSet",
     "TrainStream",
     "create_transform",
+    "decode_sample",
     "make_loader",
     "resolve_shards",
 ]

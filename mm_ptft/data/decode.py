@@ -45,30 +45,23 @@ class BadSampleLog:
         return out
 
 
-@dataclass
-class Decoded:
-    image: torch.Tensor
-    caption: str
-    label: int
-    key: str
-
-
 def decode_sample(
     raw: dict,
-    transform: Callable[[Image.Image], torch.Tensor],
+    transform: Callable[[Image.Image], torch.Tensor] | None,
     image_keys: list[str],
     caption_key: str,
     max_caption_chars: int,
     log: BadSampleLog,
     need_caption: bool = True,
-) -> Decoded | None:
-    """Decode one raw sample; return None (and log the reason) when it cannot be used."""
+    need_image: bool = True,
+) -> dict | None:
+    """Decode one raw sample into ``{"key", "label", "image"?, "caption"?}``; None (reason logged) if unusable."""
     key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
+    out: dict = {"key": key, "label": -1}
     image_bytes = next((raw[k] for k in image_keys if k in raw), None)
-    if image_bytes is None:
+    if need_image and image_bytes is None:
         log("missing_image", url, key)
         return None
-    caption = ""
     if need_caption:
         caption_bytes = raw.get(caption_key)
         caption = caption_bytes.decode("utf-8", errors="replace").strip() if caption_bytes else ""
@@ -78,19 +71,57 @@ def decode_sample(
         if len(caption) > max_caption_chars:
             log("oversized_caption", url, f"{key} ({len(caption)} chars)")
             return None
-    label = -1
+        out["caption"] = caption
     if "json" in raw:
         try:
             meta = json.loads(raw["json"])
-            label = int(meta.get("label", -1)) if isinstance(meta, dict) else -1
+            out["label"] = int(meta.get("label", -1)) if isinstance(meta, dict) else -1
         except (ValueError, TypeError, UnicodeDecodeError):
             log("bad_json", url, key)
             return None
-    try:
-        with Image.open(io.BytesIO(image_bytes)) as im:
-            im.load()
-            image = transform(im)
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "bad image"
-        log("bad_image", url, f"{key}: {type(e).__name__}: {e}")
-        return None
-    return Decoded(image=image, caption=caption, label=label, key=key)
+    if need_image:
+        try:
+            with Image.open(io.BytesIO(image_bytes)) as im:
+                im.load()
+                out["image"] = transform(im) if transform is not None else im.copy()
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "bad image"
+            log("bad_image", url, f"{key}: {type(e).__name__}: {e}")
+            return None
+    return out
+
+
+@dataclass
+class SampleDecoder:
+    """``(raw, log) -> dict | None``: the per-sample step of a data pipeline (picklable for DataLoader workers)."""
+
+    transform: Callable[[Image.Image], torch.Tensor] | None
+    image_keys: list[str]
+    caption_key: str = "txt"
+    max_caption_chars: int = 4096
+    need_caption: bool = True
+    need_image: bool = True
+
+    def __call__(self, raw: dict, log: BadSampleLog) -> dict | None:
+        return decode_sample(raw, self.transform, self.image_keys, self.caption_key, self.max_caption_chars, log,
+                             self.need_caption, self.need_image)
+
+
+@dataclass
+class Collator:
+    """Stack decoded samples into a batch; captions become ``input_ids``/``attention_mask`` via ``tokenize``."""
+
+    tokenize: Callable[[list[str]], dict] | None = None
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch: dict = {}
+        for name in items[0]:
+            values = [item[name] for item in items]
+            if name == "caption" and self.tokenize is not None:
+                batch.update(self.tokenize(values))
+            elif torch.is_tensor(values[0]):
+                batch[name] = torch.stack(values)
+            elif name == "label":
+                batch[name] = torch.tensor(values, dtype=torch.long)
+            else:
+                batch[name] = values
+        return batch

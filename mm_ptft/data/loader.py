@@ -6,6 +6,7 @@ A training batch is a dict::
     input_ids      (B, L) long          attention_mask (B, L) long
     label          (B,) long (-1 where the shard has no label)
     key            list[str] of sample keys
+    (or whatever the task's decoder and collator make of a sample)
     _state         {"worker": logical worker id on this rank, "position": (group, offset) after the batch,
                     "samples": raw samples consumed (good + bad), "bad": {reason: count}}
 
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mm_ptft.config import DataConfig
-from mm_ptft.data.decode import BadSampleLog, Decoded, decode_sample
+from mm_ptft.data.decode import BadSampleLog
 from mm_ptft.data.shards import DataError, ShardSet
 from mm_ptft.data.stream import StreamSpec, read_tar, worker_stream
 
@@ -71,17 +72,6 @@ def _sample_seed(*parts: int) -> int:
     return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _collate(items: list[Decoded], tokenize: Callable[[list[str]], dict] | None) -> dict:
-    batch = {
-        "image": torch.stack([d.image for d in items]),
-        "label": torch.tensor([d.label for d in items], dtype=torch.long),
-        "key": [d.key for d in items],
-    }
-    if tokenize is not None:
-        batch.update(tokenize([d.caption for d in items]))
-    return batch
-
-
 class TrainStream(IterableDataset):
     """Infinite training batches of one rank; each DataLoader worker is one logical worker of the stream."""
 
@@ -89,13 +79,13 @@ class TrainStream(IterableDataset):
         self,
         shards: ShardSet,
         cfg: DataConfig,
-        transform: Callable,
-        tokenize: Callable[[list[str]], dict] | None,
+        decode: Callable[[dict, BadSampleLog], dict | None],
+        collate: Callable[[list[dict]], dict],
         seed: int,
         rank: int,
         position: DataPosition,
     ):
-        self.shards, self.cfg, self.transform, self.tokenize = shards, cfg, transform, tokenize
+        self.shards, self.cfg, self.decode, self.collate = shards, cfg, decode, collate
         self.seed, self.rank, self.position = seed, rank, position
 
     def __iter__(self) -> Iterator[dict]:
@@ -113,20 +103,18 @@ class TrainStream(IterableDataset):
             resampled=self.cfg.resampled,
         )
         log = BadSampleLog()
-        items: list[Decoded] = []
+        items: list[dict] = []
         consumed = 0
         for raw, (group, offset) in worker_stream(spec, logical, self.position.positions.get(local, (0, 0)), log):
             consumed += 1
             # augmentation randomness is a function of the sample's stream position: identical after a resume
             torch.default_generator.manual_seed(_sample_seed(self.seed, logical, group, offset))
-            decoded = decode_sample(
-                raw, self.transform, self.cfg.image_keys, self.cfg.caption_key, self.cfg.max_caption_chars, log
-            )
+            decoded = self.decode(raw, log)
             if decoded is None:
                 continue
             items.append(decoded)
             if len(items) == self.cfg.batch_size:
-                batch = _collate(items, self.tokenize)
+                batch = self.collate(items)
                 bad = log.take()
                 batch["_state"] = {
                     "worker": local,
@@ -144,19 +132,17 @@ class EvalStream(IterableDataset):
     def __init__(
         self,
         shards: ShardSet,
-        cfg: DataConfig,
-        transform: Callable,
-        tokenize: Callable[[list[str]], dict] | None,
+        decode: Callable[[dict, BadSampleLog], dict | None],
+        collate: Callable[[list[dict]], dict],
         batch_size: int,
         rank: int,
         world_size: int,
         num_workers: int,
         max_samples: int | None = None,
-        need_caption: bool = True,
     ):
-        self.shards, self.cfg, self.transform, self.tokenize = shards, cfg, transform, tokenize
+        self.shards, self.decode, self.collate = shards, decode, collate
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
-        self.max_samples, self.need_caption = max_samples, need_caption
+        self.max_samples = max_samples
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -164,7 +150,7 @@ class EvalStream(IterableDataset):
         n_global = self.world_size * self.num_workers
         mine = self.rank * self.num_workers + worker
         log = BadSampleLog()
-        items: list[Decoded] = []
+        items: list[dict] = []
         index = 0
         for url in self.shards.urls:
             for raw in read_tar(url, log):
@@ -173,17 +159,14 @@ class EvalStream(IterableDataset):
                 index += 1
                 if (index - 1) % n_global != mine:
                     continue
-                decoded = decode_sample(
-                    raw, self.transform, self.cfg.image_keys, self.cfg.caption_key, self.cfg.max_caption_chars, log,
-                    need_caption=self.need_caption,
-                )
+                decoded = self.decode(raw, log)
                 if decoded is not None:
                     items.append(decoded)
                 if len(items) == self.batch_size:
-                    yield {**_collate(items, self.tokenize), "_bad": log.take()}
+                    yield {**self.collate(items), "_bad": log.take()}
                     items = []
         if items:
-            yield {**_collate(items, self.tokenize), "_bad": log.take()}
+            yield {**self.collate(items), "_bad": log.take()}
 
 
 def _worker_init(_: int) -> None:

@@ -5,11 +5,12 @@ Every sample a run sees is a pure function of (seed, shard list, number of logic
 * **Shard stream.** An infinite sequence of shards: epoch ``e`` is a seeded permutation of all shards (or, with
   ``resampled``, ``len(shards)`` draws with replacement). Element ``k`` of the stream goes to logical worker
   ``k % n_workers`` (logical workers = ranks × DataLoader workers), so within an epoch every rank, node and worker
-  reads disjoint shards, and no worker ever starves, whatever the shard count.
-* **Shuffle groups.** A worker reads its shards ``group_size`` at a time into memory and emits them in a seeded
-  permutation. Its position is just ``(group, offset)``: resuming re-reads one group and skips ``offset`` samples,
-  instead of replaying the whole stream or pickling a shuffle buffer. A group of G shards shuffles as well as a
-  buffer of that many samples, at the price of holding those shards' raw bytes in memory.
+  reads disjoint shards, and no worker ever starves, whatever the shard count (the assignment rotates by epoch).
+* **Shuffle groups.** A worker reads its shards of an epoch ``group_size`` at a time into memory and emits them in
+  a seeded permutation; groups never straddle epochs, so an epoch's samples stay disjoint across workers. A
+  worker's position is just ``(group, offset)``: resuming re-reads one group and skips ``offset`` samples, instead
+  of replaying the whole stream or pickling a shuffle buffer. A group of G shards shuffles as well as a buffer of
+  that many samples, at the price of holding those shards' raw bytes in memory.
 
 Errors while reading (a shard that fails to open, a truncated tar) are reported to a callback and skipped; the
 samples that were read before the damage are kept, so the stream stays deterministic for the same files.
@@ -57,10 +58,26 @@ def shard_at(spec: StreamSpec, k: int) -> str:
     return spec.urls[int(_epoch_order(n, spec.seed, epoch, spec.shuffle, spec.resampled)[index])]
 
 
+def _count_in_epoch(spec: StreamSpec, worker: int, epoch: int) -> int:
+    """How many of epoch ``epoch``'s shards go to ``worker``: stream positions in [eS, eS+S) ≡ worker (mod n)."""
+    n, first = spec.n_workers, epoch * len(spec.urls)
+    return (first + len(spec.urls) - 1 - worker) // n - (first - 1 - worker) // n
+
+
 def group_shards(spec: StreamSpec, worker: int, group: int) -> list[str]:
-    """The shards of shuffle group ``group`` of logical worker ``worker``."""
-    first = group * spec.group_size
-    return [shard_at(spec, (first + j) * spec.n_workers + worker) for j in range(spec.group_size)]
+    """The shards of shuffle group ``group`` of logical worker ``worker`` (groups are numbered across epochs)."""
+    epoch = 0
+    while True:
+        count = _count_in_epoch(spec, worker, epoch)
+        n_groups = -(-count // spec.group_size)
+        if group < n_groups:
+            break
+        group -= n_groups
+        epoch += 1
+    n = len(spec.urls)
+    first = epoch * n + (worker - epoch * n) % spec.n_workers  # this worker's first stream position in the epoch
+    positions = range(first, (epoch + 1) * n, spec.n_workers)
+    return [shard_at(spec, k) for k in positions[group * spec.group_size : (group + 1) * spec.group_size]]
 
 
 def split_key(name: str) -> tuple[str, str] | None:

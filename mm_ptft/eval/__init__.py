@@ -6,7 +6,7 @@ with the evaluator's name in logs (``zeroshot/acc1``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,15 +43,15 @@ def check_classnames(classnames: list[str], templates: list[str]) -> None:
 
 @dataclass
 class EvalContext:
-    """What evaluators share: the model, a tokenizer, held-out batches, class names; features are cached.
+    """What evaluators share: the task and model, a tokenizer, held-out batches, class names; features are cached.
 
     ``batches`` is a callable returning a fresh iterable of this rank's batches. Every rank must run the same
-    number of forward passes (ZeRO-3 gathers parameters collectively), so :meth:`features` keeps ranks in
-    lock-step and feeds ``dummy_batch`` to a rank whose data ran out first.
+    number of forward passes (ZeRO-3 gathers parameters collectively), so :meth:`iterate` keeps ranks in
+    lock-step and hands ``dummy_batch()`` (flagged not real) to a rank whose data ran out first.
     """
 
-    model: torch.nn.Module
-    tokenize: Callable[[list[str]], dict]
+    task: torch.nn.Module
+    tokenize: Callable[[list[str]], dict] | None
     batches: Callable[[], Iterable[dict]]
     dummy_batch: Callable[[], dict]
     device: torch.device
@@ -60,28 +60,40 @@ class EvalContext:
     bad_samples: int = 0
     _features: dict | None = field(default=None, repr=False)
 
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.task.model
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def iterate(self) -> Iterator[tuple[dict, bool]]:
+        """This rank's batches as ``(batch on device, is_real)``, in lock-step with every other rank."""
+        it = iter(self.batches())
+        while True:
+            batch = next(it, None)
+            if not any_true(batch is not None):
+                return
+            if batch is None:
+                yield self.to_device(self.dummy_batch()), False
+            else:
+                self.bad_samples += sum(batch.pop("_bad", {}).values())
+                yield self.to_device(batch), True
+
     @torch.no_grad()
     def features(self) -> dict[str, torch.Tensor]:
         """All ranks' held-out ``image``/``text`` features (N, D) float32 and ``label`` (N,), gathered."""
         if self._features is not None:
             return self._features
         image, text, label = [], [], []
-        it = iter(self.batches())
-        while True:
-            batch = next(it, None)
-            if not any_true(batch is not None):
-                break
-            real = batch is not None
-            batch = batch if real else self.dummy_batch()
-            self.bad_samples += sum(batch.get("_bad", {}).values()) if real else 0
-            image_f = self.model.encode_image(batch["image"].to(self.device)).float().cpu()
+        for batch, real in self.iterate():
+            image_f = self.model.encode_image(batch["image"]).float().cpu()
             text_f = None
             if "input_ids" in batch:
-                ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-                text_f = self.model.encode_text(ids, mask).float().cpu()
+                text_f = self.model.encode_text(batch["input_ids"], batch["attention_mask"]).float().cpu()
             if real:
                 image.append(image_f)
-                label.append(batch["label"])
+                label.append(batch["label"].cpu())
                 if text_f is not None:
                     text.append(text_f)
         dim = self.model.cfg.embed_dim

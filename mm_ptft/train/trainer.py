@@ -17,7 +17,7 @@ import torch
 
 from mm_ptft import checkpoint as ckpt
 from mm_ptft.config import Config, ConfigError, config_to_dict, save_config
-from mm_ptft.data import DataError, DataPosition, EvalStream, TrainStream, create_transform, make_loader, resolve_shards
+from mm_ptft.data import DataError, DataPosition, EvalStream, TrainStream, make_loader, resolve_shards
 from mm_ptft.distributed import all_reduce_sum, barrier, init_distributed, is_main_process
 from mm_ptft.eval import EvalContext, check_classnames, read_lines_or_list, run_evaluators
 from mm_ptft.tasks import create_task
@@ -139,13 +139,11 @@ class Trainer:
 
     def _train_loader(self):
         cfg = self.cfg
-        image = cfg.model.image
-        transform = create_transform(cfg.data.image, image.image_size, image.in_chans, self.mean, self.std, True)
         stream = TrainStream(
             self.train_shards,
             cfg.data,
-            transform,
-            self.tokenize if self.tokenizer else None,
+            self.task.decoder(cfg, True, self.mean, self.std),
+            self.task.collator(self.tokenize if self.tokenizer else None),
             cfg.train.seed,
             self.rank,
             self.position,
@@ -259,39 +257,35 @@ class Trainer:
         if self.eval_shards is None:
             return {}
         cfg = self.cfg
-        image = cfg.model.image
-        transform = create_transform(cfg.data.image, image.image_size, image.in_chans, self.mean, self.std, False)
         workers = min(cfg.data.workers, 1)
+        tokenize = self.tokenize if self.tokenizer else None
 
         def batches():
             stream = EvalStream(
                 self.eval_shards,
-                cfg.data,
-                transform,
-                self.tokenize if self.tokenizer else None,
+                self.task.decoder(cfg, False, self.mean, self.std),
+                self.task.collator(tokenize),
                 cfg.eval.batch_size,
                 self.rank,
                 self.world,
                 max(workers, 1),
                 cfg.eval.max_samples,
-                need_caption=self.tokenizer is not None,
             )
             return make_loader(stream, workers, cfg.data.prefetch)
-
-        def dummy():
-            batch = {
-                "image": torch.zeros(1, image.in_chans, image.image_size, image.image_size),
-                "label": torch.zeros(1, dtype=torch.long),
-            }
-            if self.tokenizer is not None:
-                batch.update(self.tokenize([""]))
-            return batch
 
         module = self.engine.module
         was_training = module.training
         module.eval()
         t0 = time.perf_counter()
-        ctx = EvalContext(self.model, self.tokenize, batches, dummy, self.device, self.classnames, self.templates)
+        ctx = EvalContext(
+            self.task,
+            tokenize,
+            batches,
+            lambda: self.task.dummy_batch(cfg, tokenize),
+            self.device,
+            self.classnames,
+            self.templates,
+        )
         metrics = run_evaluators(cfg.eval.evaluators, ctx)
         metrics["eval_time_s"] = time.perf_counter() - t0
         module.train(was_training)

