@@ -80,7 +80,7 @@ def resolve_resume(ckpt_dir: Path, resume: str) -> Path | None:
         path = ckpt_dir / marker.read_text().strip()
         if is_complete(path):
             return path
-    complete = list_checkpoints(ckpt_dir)
+    complete = [p for p in list_checkpoints(ckpt_dir) if p.name != BEST]
     return complete[-1] if complete else None
 
 
@@ -142,8 +142,11 @@ def safe_load(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint: refusing to load {path}: {first}") from None
 
 
-def publish(ckpt_dir: Path, tag: str, keep_last: int) -> None:
-    """Rename the finished ``.partial-<tag>`` into place, move ``latest``, prune old checkpoints.
+BEST = "best"
+
+
+def publish(ckpt_dir: Path, tag: str, keep_last: int, move_latest: bool = True) -> None:
+    """Rename the finished ``.partial-<tag>`` into place, move ``latest``, prune old step checkpoints.
 
     Called by one process per node-local file system after a barrier that every rank has passed.
     """
@@ -154,8 +157,10 @@ def publish(ckpt_dir: Path, tag: str, keep_last: int) -> None:
         # on a shared file system another node's process may have renamed it first
         with contextlib.suppress(FileNotFoundError):
             os.replace(partial, final)
-    atomic_write_text(ckpt_dir / LATEST, tag + "\n")
-    for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+    if move_latest:
+        atomic_write_text(ckpt_dir / LATEST, tag + "\n")
+    steps = [p for p in list_checkpoints(ckpt_dir) if p.name != BEST]
+    for old in steps[:-keep_last]:
         if old.name != tag:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -117,6 +117,8 @@ class EvalConfig:
     evaluators: list[str] = field(default_factory=lambda: ["zeroshot", "retrieval"])  # registered in mm_ptft.eval
     classnames: list[str] | str | None = None  # list, or a file with one per line; None → dataset.json
     templates: list[str] | str | None = None  # list, or a file; each with '{}' for the class name
+    select_metric: str | None = None  # logged eval metric (e.g. 'classification/acc1') that picks the best checkpoint
+    select_mode: Literal["max", "min"] = "max"
 
 
 @dataclass
@@ -138,10 +140,13 @@ class OptimConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 0
-    precision: Literal["bf16", "fp32"] = "bf16"
+    # bf16: DeepSpeed bf16 (bf16 weights, fp32 master copy in the optimizer); amp_bf16: torch autocast over fp32
+    # weights (DeepSpeed's torch_autocast, as open_clip's amp_bf16); fp32: no reduced precision
+    precision: Literal["bf16", "amp_bf16", "fp32"] = "bf16"
     grad_accum_steps: int = 1
     activation_checkpointing: bool = False  # recompute tower blocks in backward (timm / transformers checkpointing)
     backend: str | None = None  # process-group backend; None → nccl on CUDA, gloo on CPU
+    timeout_s: int = 900  # a collective waiting longer than this fails instead of hanging (e.g. a rank died)
     extra: dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed JSON
 
 
@@ -155,6 +160,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0  # checkpoint every N steps (0 → only at the end)
     keep_last: int = 2  # checkpoints kept on disk
+    early_stop_patience: int = 0  # stop after N evaluations without improving eval.select_metric (0 → never)
     resume: str | None = None  # 'latest' or a checkpoint tag
     threads: int | None = 1  # torch threads per rank (1 is best when ranks share the cores)
     progress: bool = True
@@ -414,6 +420,10 @@ def validate(cfg: Config) -> None:
         ),
         (len(cfg.data.image.train_scale) == 2, "data.image.train_scale must be [min, max]"),
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
+        (
+            cfg.train.early_stop_patience == 0 or cfg.eval.select_metric is not None,
+            "train.early_stop_patience needs eval.select_metric",
+        ),
     ]
     for mean_std in ("mean", "std"):
         value = getattr(cfg.data.image, mean_std)

@@ -7,6 +7,7 @@ stay single-device; the Trainer calls in here to wrap them.
 from mm_ptft.distributed.comm import (
     DistInfo,
     all_gather_tensor,
+    all_reduce_max,
     all_reduce_sum,
     any_true,
     barrier,
@@ -21,6 +22,7 @@ from mm_ptft.distributed.comm import (
 __all__ = [
     "DistInfo",
     "all_gather_tensor",
+    "all_reduce_max",
     "all_reduce_sum",
     "any_true",
     "barrier",

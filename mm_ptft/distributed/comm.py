@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str | None = None, local_rank: int | None = None) -> DistInfo:
+def init_distributed(backend: str | None = None, local_rank: int | None = None, timeout_s: int = 900) -> DistInfo:
     """Join (or create) the process group the launcher described, via DeepSpeed's comm layer.
 
     Works under the ``deepspeed`` launcher (``--local_rank`` / LOCAL_RANK), ``torchrun`` (RANK, WORLD_SIZE, …),
@@ -45,7 +46,9 @@ def init_distributed(backend: str | None = None, local_rank: int | None = None) 
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s)
+        )
     rank, world = dist.get_rank(), dist.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
@@ -82,6 +85,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_max(value: float) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def any_true(flag: bool) -> bool:

@@ -42,6 +42,7 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "train_batch_size": cfg.data.batch_size * ds.grad_accum_steps * world_size,
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
+        "torch_autocast": {"enabled": ds.precision == "amp_bf16", "dtype": "bfloat16"},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,  # the client torch AdamW is fine under ZeRO
         "steps_per_print": 2**31 - 1,  # the Trainer logs; keep DeepSpeed quiet

@@ -17,7 +17,7 @@ LOSSES: Registry[nn.Module] = Registry("loss")
 
 
 def _features(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    # losses run in fp32 even when the towers run in bf16: logits of a big batch need the mantissa
+    # losses run in fp32 (outside autocast too) even when the towers run in bf16: logits need the mantissa
     bias = out.get("logit_bias")
     return (
         out["image_features"].float(),
@@ -48,7 +48,8 @@ class ClipLoss(nn.Module):
 
     def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image, text, scale, bias = _features(out)
-        return {"loss": self.impl(image, text, scale, bias)}
+        with torch.autocast(image.device.type, enabled=False):
+            return {"loss": self.impl(image, text, scale, bias)}
 
 
 @LOSSES.register("siglip")
@@ -63,7 +64,8 @@ class SigLipLoss(nn.Module):
         image, text, scale, bias = _features(out)
         if bias is None:
             raise ValueError("the siglip loss needs a logit bias: set model.logit_bias_init (e.g. -10)")
-        return {"loss": self.impl(image, text, scale, bias)}
+        with torch.autocast(image.device.type, enabled=False):
+            return {"loss": self.impl(image, text, scale, bias)}
 
 
 def create_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> nn.Module:

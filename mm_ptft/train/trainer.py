@@ -8,7 +8,8 @@ so a bad input fails in one line before any rank starts talking to another.
 from __future__ import annotations
 
 import json
-import os
+import resource
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,9 +17,10 @@ from pathlib import Path
 import torch
 
 from mm_ptft import checkpoint as ckpt
+from mm_ptft import faults
 from mm_ptft.config import Config, ConfigError, config_to_dict, save_config
 from mm_ptft.data import DataError, DataPosition, EvalStream, TrainStream, make_loader, resolve_shards
-from mm_ptft.distributed import all_reduce_sum, barrier, init_distributed, is_main_process
+from mm_ptft.distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed, is_main_process
 from mm_ptft.eval import EvalContext, check_classnames, read_lines_or_list, run_evaluators
 from mm_ptft.tasks import create_task
 from mm_ptft.train.logger import MetricsLogger
@@ -42,6 +44,16 @@ def image_norm_stats(cfg: Config) -> tuple[list[float], list[float]]:
     return list(mean), list(std)
 
 
+def _check_writable(directory: Path) -> None:
+    """Create ``directory`` and a file in it now, so an unusable output path fails before any training."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"config: train.output_dir {directory} is not writable ({e.strerror or e})") from None
+
+
 class Trainer:
     """Trains ``cfg.task`` for ``cfg.train.steps`` optimizer steps; see ``train()``."""
 
@@ -51,7 +63,7 @@ class Trainer:
         self.run_dir = Path(cfg.train.output_dir) / (cfg.train.name or "run")
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._preflight()
-        self.dist = init_distributed(cfg.deepspeed.backend, local_rank)
+        self.dist = init_distributed(cfg.deepspeed.backend, local_rank, cfg.deepspeed.timeout_s)
         self.rank, self.world = self.dist.rank, self.dist.world_size
         self.device = self.dist.device
         if cfg.train.threads:
@@ -79,6 +91,8 @@ class Trainer:
         self.engine = create_engine(self.task, optimizer, scheduler, build_ds_config(cfg, self.world))
 
         self.step = 0
+        self.best: dict | None = None  # {"step", "value"} of eval.select_metric's best evaluation
+        self.evals_since_best = 0
         self.position = DataPosition(self.world, max(cfg.data.workers, 1))
         self.bad = Counter()
         self.samples_read = 0  # raw samples this rank consumed (good + bad)
@@ -95,10 +109,7 @@ class Trainer:
             raise ConfigError("config: data.train is required (a shard pattern or a data_tools dataset dir)")
         self.train_shards = resolve_shards(cfg.data.train, cfg.data.train_split)
         self.eval_shards = resolve_shards(cfg.eval.data, cfg.eval.split) if cfg.eval.data else None
-        out = Path(cfg.train.output_dir)
-        probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-        if not os.access(probe, os.W_OK):
-            raise ConfigError(f"config: train.output_dir {out} is not writable")
+        _check_writable(Path(cfg.train.output_dir))
         self.resume_dir = None
         if cfg.train.resume:
             self.resume_dir = ckpt.resolve_resume(self.ckpt_dir, cfg.train.resume)
@@ -174,6 +185,14 @@ class Trainer:
                 window = {"time": 0.0, "data": 0.0, "steps": 0, "loss": 0.0}
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
                 self.evaluate()
+                if cfg.train.early_stop_patience and self.evals_since_best >= cfg.train.early_stop_patience:
+                    if is_main_process():
+                        print(
+                            f"early stop at step {self.step}: {cfg.eval.select_metric} has not improved for "
+                            f"{self.evals_since_best} evaluations (best {self.best})",
+                            flush=True,
+                        )
+                    break
             if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
                 self.save()
             if cfg.train.stop_after is not None and self.step >= cfg.train.stop_after:
@@ -225,6 +244,7 @@ class Trainer:
         )
         loss = stats[0].item() / self.world / max(window["steps"], 1)
         bad, read = int(stats[1].item()), int(stats[2].item())
+        peak_rss_mb = all_reduce_max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         step_time = window["time"] / max(window["steps"], 1)
         optimizer = self.engine.optimizer
         record = {
@@ -236,6 +256,7 @@ class Trainer:
             "step_time_s": step_time,
             "data_wait_frac": window["data"] / window["time"] if window["time"] > 0 else 0.0,
             "bad_samples": bad,
+            "peak_rss_mb": peak_rss_mb,  # the largest rank's peak resident memory
         }
         for group in optimizer.param_groups:
             if "name" in group:
@@ -290,22 +311,56 @@ class Trainer:
         metrics["eval_time_s"] = time.perf_counter() - t0
         module.train(was_training)
         self.logger.log("eval", self.step, metrics)
+        self._track_best(metrics)
         if is_main_process():
             shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("acc1", "recall@1")))
             print(f"[eval step {self.step}] {shown}", flush=True)
         return metrics
 
-    # ------------------------------------------------------------------------------------------ save/resume
-    def save(self, tag: str | None = None) -> Path:
-        """Checkpoint model, optimizer, scheduler, data position and RNG; published atomically (see checkpoint)."""
-        from mm_ptft.distributed.engine import save_engine_checkpoint
+    def _track_best(self, metrics: dict) -> None:
+        """Keep the checkpoint of the best ``eval.select_metric`` as tag ``best`` (never moves ``latest``)."""
+        name = self.cfg.eval.select_metric
+        if name is None:
+            return
+        if name not in metrics:
+            raise ConfigError(f"config: eval.select_metric '{name}' is not logged; logged: {', '.join(metrics)}")
+        value = float(metrics[name])
+        sign = 1.0 if self.cfg.eval.select_mode == "max" else -1.0
+        if self.best is None or sign * (value - self.best["value"]) > 0:
+            self.best = {"step": self.step, "value": value}
+            self.evals_since_best = 0
+            self.save(ckpt.BEST, move_latest=False)
+        else:
+            self.evals_since_best += 1
 
+    # ------------------------------------------------------------------------------------------ save/resume
+    def save(self, tag: str | None = None, move_latest: bool = True) -> Path:
+        """Checkpoint model, optimizer, scheduler, data position and RNG; published atomically (see checkpoint)."""
         tag = tag or ckpt.tag_for(self.step)
         partial = self.ckpt_dir / f"{ckpt.PARTIAL_PREFIX}{tag}"
         if self.dist.local_rank == 0:
             ckpt.clean_partials(self.ckpt_dir)
         barrier()
+        try:
+            self._write_checkpoint(partial, tag)
+        except OSError as e:
+            previous = ckpt.resolve_resume(self.ckpt_dir, "latest")
+            raise ckpt.CheckpointError(
+                f"checkpoint: saving {tag} failed on rank {self.rank} ({e.strerror or e}); "
+                f"the previous checkpoint {previous.name if previous else '(none)'} is intact"
+            ) from None
+        barrier()  # every rank's files are on disk before the checkpoint becomes visible
+        faults.maybe_fail("before_publish", self.step, self.rank)
+        if self.dist.local_rank == 0:
+            ckpt.publish(self.ckpt_dir, tag, self.cfg.train.keep_last, move_latest)
+        barrier()
+        return self.ckpt_dir / tag
+
+    def _write_checkpoint(self, partial: Path, tag: str) -> None:
+        from mm_ptft.distributed.engine import save_engine_checkpoint
+
         save_engine_checkpoint(self.engine, self.ckpt_dir, partial.name, {"mm_ptft_step": self.step})
+        faults.maybe_fail("mid_save", self.step, self.rank)
         ckpt.save_trainer_state(
             partial,
             self.rank,
@@ -328,13 +383,10 @@ class Trainer:
                 "task": self.cfg.task,
                 "model_prefix": "model.",
                 "param_group_names": self.param_group_names,
+                "best": self.best,
+                "evals_since_best": self.evals_since_best,
             }
             ckpt.atomic_write_text(partial / ckpt.META, json.dumps(meta, indent=1))
-        barrier()  # every rank's files are on disk before the checkpoint becomes visible
-        if self.dist.local_rank == 0:
-            ckpt.publish(self.ckpt_dir, tag, self.cfg.train.keep_last)
-        barrier()
-        return self.ckpt_dir / tag
 
     def _resume(self, tag_dir: Path) -> None:
         from mm_ptft.distributed.engine import load_engine_checkpoint
@@ -351,6 +403,7 @@ class Trainer:
         self.position = DataPosition.from_state_dict(state["data"], self.world, max(self.cfg.data.workers, 1))
         self.samples_read = int(state["samples_read"])
         self.bad = Counter(state["bad"])
+        self.best, self.evals_since_best = meta.get("best"), int(meta.get("evals_since_best", 0))
         torch.set_rng_state(state["rng"])
         if is_main_process():
             print(f"resumed from {tag_dir} at step {self.step}", flush=True)
@@ -365,9 +418,14 @@ class Trainer:
         if self.cfg.train.consolidate and is_main_process():
             state = ckpt.consolidate(tag_dir)
             ckpt.save_weights(state, self.run_dir / "model.safetensors", {"step": str(self.step)})
+            if self.best is not None:
+                best = ckpt.consolidate(self.ckpt_dir / ckpt.BEST)
+                ckpt.save_weights(best, self.run_dir / "best.safetensors", {"step": str(self.best["step"])})
         barrier()
         summary = {"step": self.step, "samples": self.step * self.global_batch, "bad_samples": sum(self.bad.values())}
         summary.update(metrics)
+        if self.best is not None:
+            summary.update({"best_step": self.best["step"], f"best/{self.cfg.eval.select_metric}": self.best["value"]})
         self.logger.log("summary", self.step, summary)
         self.logger.close()
         if self.cfg.train.report and is_main_process():
