@@ -2,8 +2,9 @@
 
 Set ``MM_PTFT_FAULT=<point>:<step>[:<rank>]`` (e.g. ``mid_save:6:1``) and the process SIGKILLs itself when it
 reaches ``point`` at optimizer step ``step`` (on ``rank`` only, when given): exactly what a pre-empted node, an OOM
-kill or a `kill -9` does, at a moment a test could not hit from outside. Points: ``mid_save`` (DeepSpeed's files
-written, mm-ptft's per-rank state not yet), ``before_publish`` (all files written, ``latest`` not moved).
+kill or a `kill -9` does, at a moment a test could not reliably hit from outside. Points: ``step`` (the step's update
+applied and any checkpoint of that step published), ``mid_save`` (DeepSpeed's files written, mm-ptft's per-rank state
+not yet), ``before_publish`` (all files written, ``latest`` not moved).
 Unset (the default), this module does nothing.
 """
 

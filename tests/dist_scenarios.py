@@ -61,7 +61,7 @@ def phase1(out: Path, data: str, bad_data: str, local_rank):
         run(out, data, f"ref-zero{stage}", *common, local_rank=local_rank)
         run(out, data, f"cut-zero{stage}", *common, "train.stop_after=5", local_rank=local_rank)
     # a corrupt image inside a shard: skipped, counted, the run completes
-    run(out, bad_data, "corrupt", "train.steps=4", "train.log_every=1", local_rank=local_rank)
+    run(out, bad_data, "corrupt", "train.steps=null", "train.epochs=1", "train.log_every=1", local_rank=local_rank)
 
 
 def phase2(out: Path, data: str, local_rank):

@@ -87,6 +87,24 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) of ``module`` over ranks, in place.
+
+    DeepSpeed leaves each rank's buffers as its own batches made them. Before an evaluation or a save every rank
+    must hold the same ones: otherwise ranks evaluate different models, and the checkpoint (rank 0's buffers) is
+    not the model that was evaluated.
+    """
+    world = get_world_size()
+    if world == 1:
+        return
+    with torch.no_grad():
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                total = buffer.detach().float().clone()
+                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+                buffer.copy_(total / world)
+
+
 def all_reduce_max(value: float) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64)
     if get_world_size() > 1:

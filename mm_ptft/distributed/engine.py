@@ -36,6 +36,9 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if ds.zero_stage == 3:
         # small models: gather every parameter eagerly rather than thrash the prefetch bookkeeping
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=5e7)
+        # DeepSpeed's "memory efficient" linear replaces torch.nn.functional.linear for the rest of the process: a
+        # later run in the same process (a sweep, a test) would then compute every linear layer differently
+        zero.update(memory_efficient_linear=False)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.grad_accum_steps,
