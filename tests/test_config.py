@@ -67,6 +67,11 @@ def test_base_inheritance_and_name(tmp_path, tiny_config_path):
     assert cfg.model.image.image_size == 28  # inherited from the full recipe
     assert cfg.model.embed_dim == 32  # overridden by the twin
     assert cfg.model.image.kwargs["depth"] == 2  # mappings merge key by key
+    (tmp_path / "base.yaml").write_text("model: {text: {config: {model_type: modernbert, local_attention: 64}}}\n")
+    (tmp_path / "same.yaml").write_text("base: base.yaml\nmodel: {text: {config: {model_type: modernbert}}}\n")
+    (tmp_path / "other.yaml").write_text("base: base.yaml\nmodel: {text: {config: {model_type: bert}}}\n")
+    assert load_config(tmp_path / "same.yaml").model.text.config["local_attention"] == 64
+    assert load_config(tmp_path / "other.yaml").model.text.config == {"model_type": "bert"}  # another model: replaced
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
