@@ -54,6 +54,54 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--root", type=Path, default=None, help="base for relative image paths (default: file's dir)")
     _add_write_options(cap)
 
+    cb = sub.add_parser("clip-benchmark", help="write a split in CLIP_benchmark's webdataset layout (wds/<name>)")
+    cb.add_argument("--src", type=Path, required=True, help="data_tools dataset directory (with dataset.json)")
+    cb.add_argument("--out", type=Path, required=True, help="CLIP_benchmark dataset root (its --dataset_root)")
+    cb.add_argument("--split", default="test", help="split to convert (CLIP_benchmark's --split)")
+    cb.add_argument("--shard-size", type=_positive_int, default=10_000, help="samples per tar")
+    cb.add_argument("--classnames", type=Path, default=None, help="class names file instead of dataset.json's")
+    cb.add_argument("--templates", type=Path, default=None, help="templates file ({} or {c}) instead of dataset.json's")
+    cb.add_argument("--overwrite", action="store_true", help="replace an existing OUT/<split>")
+
+    scenes = sub.add_parser("detection-scenes", help="write Fashion-MNIST detection scenes (COCO JSON + shards)")
+    scenes.add_argument("--src", type=Path, default=None, help="directory with the Fashion-MNIST idx files")
+    scenes.add_argument("--canvas", type=_positive_int, default=128, help="scene side in pixels")
+    scenes.add_argument("--objects", type=_positive_int, nargs=2, default=[2, 5], help="min max items per scene")
+    scenes.add_argument("--scale", type=float, nargs=2, default=[1.0, 2.0], help="min max item scale (of 28 px)")
+    scenes.add_argument("--max-iou", type=float, default=0.3, help="largest overlap (IoU) between two items' boxes")
+    scenes.add_argument("--train", type=int, default=12000, help="training scenes")
+    scenes.add_argument("--val", type=int, default=500, help="validation scenes")
+    scenes.add_argument("--test", type=int, default=1000, help="test scenes")
+    _add_write_options(scenes, shuffle=False)
+
+    coco = sub.add_parser("coco", help="write a COCO detection JSON + image folder as one split of shards")
+    coco.add_argument("--ann", type=Path, required=True, help="COCO JSON (images, annotations, categories)")
+    coco.add_argument("--images", type=Path, required=True, help="folder the file_name entries are relative to")
+    coco.add_argument("--box-tolerance", type=float, default=1.0, help="pixels a box may stick out (clipped)")
+    _add_write_options(coco)
+
+    text = sub.add_parser("text", help="write (text, label) rows of a CSV or JSONL file as text shards (no image)")
+    text.add_argument("--src", type=Path, required=True, help="the .csv or .jsonl file")
+    text.add_argument("--text-col", default="text", help="column / key with the text")
+    text.add_argument("--label-col", default="label", help="column / key with the class name (or index)")
+    text.add_argument("--classnames", type=Path, default=None, help="class list, one per line; labels must be in it")
+    _add_write_options(text)
+
+    fortunes = sub.add_parser("fortunes", help="write Debian fortunes topics as a text dataset (fixed train/test)")
+    fortunes.add_argument("--src", type=Path, default=None, help="fortune files (default /usr/share/games/fortunes)")
+    fortunes.add_argument("--topics", nargs="+", default=None, help="topic files = classes (default: 4 topics)")
+    fortunes.add_argument("--test-fraction", type=float, default=0.2, help="share of each topic in the test split")
+    fortunes.add_argument("--max-per-topic", type=_positive_int, default=None, help="cap quotes per topic")
+    fortunes.add_argument("--name", default=None, help="dataset name in dataset.json (default: fortunes)")
+    _add_write_options(fortunes, shuffle=False)
+
+    subset = sub.add_parser("subset", help="class-stratified fraction of a split (+ a held-out val split)")
+    subset.add_argument("--src", type=Path, required=True, help="data_tools dataset directory")
+    subset.add_argument("--split", default="train", help="split of SRC to draw from")
+    subset.add_argument("--fraction", type=float, default=1.0, help="share of each class (after the holdout) kept")
+    subset.add_argument("--holdout", type=float, default=0.0, help="share of each class written as OUT/val")
+    _add_write_options(subset, shuffle=False)
+
     ver = sub.add_parser("verify", help="check shards; exit 0 clean, 1 problems, 2 usage error")
     ver.add_argument("target", help="dataset directory, split directory, shard file or brace pattern")
     ver.add_argument("--split", default=None, help="with a dataset directory, check only this split")
@@ -96,6 +144,76 @@ def _run_captions(args: argparse.Namespace) -> int:
     return _print_result(result)
 
 
+def _run_clip_benchmark(args: argparse.Namespace) -> int:
+    from data_tools.clip_benchmark import write_clip_benchmark
+
+    result = write_clip_benchmark(
+        args.src, args.out, args.split, args.shard_size, args.classnames, args.templates, args.overwrite
+    )
+    print(
+        f"{args.split}: {result.num_samples} samples in {result.num_shards} shards ({result.split_dir}), "
+        f"{len(result.classnames)} classes"
+    )
+    return 0
+
+
+def _run_detection_scenes(args: argparse.Namespace) -> int:
+    from data_tools.detection_scenes import SceneOptions, describe, write_detection_scenes
+    from data_tools.fashion_mnist import DEFAULT_SRC as FMNIST_SRC
+
+    counts = {"train": args.train, "val": args.val, "test": args.test}
+    opts = SceneOptions(args.canvas, tuple(args.objects), tuple(args.scale), args.max_iou, counts)
+    results = write_detection_scenes(args.out, args.src or FMNIST_SRC, opts, args.seed, args.shard_size, args.overwrite)
+    for result in results.values():
+        print(describe(result))
+    return 0
+
+
+def _run_coco(args: argparse.Namespace) -> int:
+    from data_tools.detection_scenes import describe, write_coco_split
+
+    result = write_coco_split(
+        args.ann, args.images, args.out, args.split, args.shard_size, args.overwrite, args.name, args.box_tolerance
+    )
+    for problem in result.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    print(describe(result))
+    return 0
+
+
+def _run_text(args: argparse.Namespace) -> int:
+    from data_tools.text import write_text_file
+
+    columns = (args.text_col, args.label_col)
+    result = write_text_file(args.src, args.out, args.split, columns, args.classnames, _write_options(args))
+    return _print_result(result)
+
+
+def _run_fortunes(args: argparse.Namespace) -> int:
+    from data_tools.fortunes import DEFAULT_SRC as FORTUNES_SRC
+    from data_tools.fortunes import DEFAULT_TOPICS, write_fortunes
+
+    options = WriteOptions(args.shard_size, args.seed, True, args.name, args.overwrite)
+    entries = write_fortunes(
+        args.out, args.topics or DEFAULT_TOPICS, args.src or FORTUNES_SRC, args.test_fraction, args.max_per_topic,
+        options=options,
+    )  # fmt: skip
+    for split, entry in entries.items():
+        print(f"{split}: {entry['num_samples']} quotes in {entry['num_shards']} shards")
+    return 0
+
+
+def _run_subset(args: argparse.Namespace) -> int:
+    from data_tools.subset import write_subset
+
+    entries = write_subset(
+        args.src, args.out, args.fraction, args.holdout, args.split, args.seed, args.shard_size, args.overwrite
+    )
+    for split, entry in entries.items():
+        print(f"{split}: {entry['num_samples']} samples in {entry['num_shards']} shards")
+    return 0
+
+
 def _run_verify(args: argparse.Namespace) -> int:
     report = verify_dataset(args.target, args.split, progress=not args.quiet)
     print_report(report)
@@ -107,6 +225,12 @@ _COMMANDS = {
     "folder": _run_folder,
     "captions": _run_captions,
     "verify": _run_verify,
+    "text": _run_text,
+    "fortunes": _run_fortunes,
+    "subset": _run_subset,
+    "clip-benchmark": _run_clip_benchmark,
+    "detection-scenes": _run_detection_scenes,
+    "coco": _run_coco,
 }
 
 

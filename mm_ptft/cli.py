@@ -6,6 +6,10 @@
     mm-ptft report runs/pretrain-fmnist
     mm-ptft config --config configs/pretrain-fmnist.yaml [overrides…]     (print the resolved config)
     mm-ptft data fashion-mnist --out data/fmnist                          (= python -m data_tools …)
+    mm-ptft wise-ft runs/finetune-fmnist [--alphas 0,0.5,1] [eval.split=test]   (zero-shot ↔ fine-tuned interpolation)
+    mm-ptft diff runs/pretrain-fmnist runs/finetune-fmnist --probe data/fmnist  (weight change + CKA per layer)
+    mm-ptft export runs/pretrain-fmnist --out export/ [--to timm transformers open_clip onnx]
+    mm-ptft clip-benchmark eval --model runs/pretrain-fmnist --dataset wds/fmnist --dataset_root data/fmnist-cb
 
 Errors a person can act on (a bad config key, a missing shard, an unusable checkpoint) print one line and exit 2.
 """
@@ -29,8 +33,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mm_ptft.config import ConfigError
     from mm_ptft.data import DataError
     from mm_ptft.distributed.engine import UnsafeCheckpointError
+    from mm_ptft.export.source import ExportError
 
-    return ConfigError, DataError, CheckpointError, UnsafeCheckpointError
+    return ConfigError, DataError, CheckpointError, UnsafeCheckpointError, ExportError
 
 
 def _one_line(e: BaseException) -> str:
@@ -113,12 +118,44 @@ def cmd_eval(argv: list[str]) -> int:
     return eval_main(argv)
 
 
+@COMMANDS.register("wise-ft")
+def cmd_wise_ft(argv: list[str]) -> int:
+    """WiSE-FT: evaluate interpolations of a run's zero-shot and fine-tuned classifier weights."""
+    from mm_ptft.finetune.wise_ft import main as wise_ft_main
+
+    return wise_ft_main(argv)
+
+
+@COMMANDS.register("diff")
+def cmd_diff(argv: list[str]) -> int:
+    """Per-layer weight change and CKA between a pretrained and a fine-tuned tower."""
+    from mm_ptft.analysis.diff import main as diff_main
+
+    return diff_main(argv)
+
+
 @COMMANDS.register("data")
 def cmd_data(argv: list[str]) -> int:
     """Write or verify webdataset shards (the data_tools package)."""
     import data_tools
 
     return data_tools.main(argv)
+
+
+@COMMANDS.register("export")
+def cmd_export(argv: list[str]) -> int:
+    """Export a trained model to timm, transformers, open_clip and ONNX (checked against the model's outputs)."""
+    from mm_ptft.export.core import main as export_main
+
+    return export_main(argv)
+
+
+@COMMANDS.register("clip-benchmark")
+def cmd_clip_benchmark(argv: list[str]) -> int:
+    """Run CLIP_benchmark's own CLI with an `mm_ptft` model type (any mm-ptft checkpoint)."""
+    from mm_ptft.export.clip_benchmark import main as clip_benchmark_main
+
+    return clip_benchmark_main(argv)
 
 
 def _quiet_known_deprecations() -> None:

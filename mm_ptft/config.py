@@ -112,6 +112,7 @@ class EvalConfig:
     data: str | None = None  # held-out shards (pattern or dataset dir); None → no evaluation
     split: str = "test"
     every: int = 0  # evaluate every N steps (0 → only at the end)
+    at_start: bool = False  # also evaluate before the first step (fine-tuning: the start competes for `best`)
     batch_size: int = 256
     max_samples: int | None = None  # cap on held-out samples (quick evals)
     evaluators: list[str] = field(default_factory=lambda: ["zeroshot", "retrieval"])  # registered in mm_ptft.eval
@@ -172,6 +173,55 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    init: str | None = None  # pretrained weights: run dir, checkpoint dir (any ZeRO stage), .safetensors; None → none
+    policy: Literal["linear-probe", "last-n", "full"] = "full"  # what trains besides the head (mm_ptft/finetune)
+    unlocked_groups: int = 2  # last-n: trailing layer groups of the tower that train (image: timm groups; text: layers)
+    head_init: Literal["random", "zeroshot"] = "random"  # zeroshot: class-name embeddings of the text tower (image)
+    head_input: Literal["pooled", "embedding"] | None = None  # pooled trunk features or the L2-normalised projected
+    # embedding; None → embedding with a zero-shot head, else pooled
+    classnames: list[str] | str | None = None  # list or file (one per line); None → eval.classnames / dataset.json
+    num_classes: int | None = None  # when no class names are known (random head only)
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # mixup alpha (0 → off); mixup/cutmix need an even per-rank batch
+    cutmix: float = 0.0  # cutmix alpha (0 → off)
+    mixup_prob: float = 1.0  # probability a batch is mixed
+
+
+@dataclass
+class DetectionConfig:
+    init: str | None = None  # pretraining weights (run dir, checkpoint dir, .safetensors) whose image.* start the tower
+    head: Literal["faster_rcnn", "retinanet", "fcos"] = "faster_rcnn"  # torchvision detector on the tower's FPN
+    policy: Literal["frozen", "last-n", "full"] = "full"  # what of the tower trains (the FPN and head always do)
+    unlocked_groups: int = 2  # last-n: trailing layer groups of the tower that train (ImageTower.lock)
+    num_classes: int | None = None  # object classes without background; None → dataset.json categories of data.train
+    strides: list[int] = field(default_factory=lambda: [8, 16, 32])  # feature-map strides fed to the FPN
+    vit_blocks: list[int] = field(default_factory=lambda: [-1])  # ViT blocks feeding the pyramid: one for every level
+    # (ViTDet's simple pyramid) or one per level
+    extra_level: bool = True  # a max-pooled level on top of the last stride (P6)
+    fpn_channels: int = 128
+    anchor_sizes: list[float] | None = (
+        None  # base anchor size per level (strides + extra); None → 4 × stride (fcos: 1 ×)
+    )
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # anchor h/w (faster_rcnn, retinanet)
+    min_size: int = 800  # images are resized so the short side is min_size, the long side at most max_size
+    max_size: int = 1333
+    hflip: float = 0.5  # horizontal flip probability in training (boxes flipped with the image)
+    box_tolerance: float = 1.0  # pixels a box may stick out of its image (clipped); further out → sample skipped
+    representation_size: int = 256  # faster_rcnn: width of the two-layer box head
+    roi_batch_size: int = 128  # faster_rcnn: RoIs sampled per image for the box head's loss
+    roi_sampling_ratio: int = 2  # faster_rcnn: RoIAlign samples per bin side (its CPU backward dominates a step)
+    rpn_proposals: list[int] = field(default_factory=lambda: [600, 100])  # faster_rcnn: proposals kept (train, eval)
+    head_convs: int = 4  # fcos: conv layers per branch
+    freeze_bn: bool = False  # turn the tower's BatchNorm layers into FrozenBatchNorm2d (stats and affine frozen)
+    autocast: bool = False  # run the tower under bf16 autocast (CPU/GPU), the FPN and head in the model's dtype
+    score_thresh: float = 0.05  # detections kept for evaluation
+    detections_per_image: int = 100
+    draw_images: int = 6  # held-out images drawn with their predictions into the run report (0 → none)
+    draw_score: float = 0.5  # predictions drawn above this score
+
+
+@dataclass
 class Config:
     task: str = "contrastive"  # registered task
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -181,6 +231,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -296,9 +348,13 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into ``base`` key by key; a mapping naming another ``model_type`` (a transformers config)
+    replaces the base's mapping whole, so a BERT twin never inherits a ModernBERT recipe's fields."""
     out = dict(base)
     for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        previous = out.get(k) if isinstance(out.get(k), dict) else {}
+        other_model = isinstance(v, dict) and "model_type" in v and v["model_type"] != previous.get("model_type")
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not other_model:
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = v
@@ -433,7 +489,7 @@ def validate(cfg: Config) -> None:
                 f"data.image.{mean_std} needs {cfg.model.image.in_chans} values (model.image.in_chans)",
             )
         )
-    if cfg.model.text.pretrained is None and not cfg.model.text.config:
+    if cfg.task != "detection" and cfg.model.text.pretrained is None and not cfg.model.text.config:
         checks.append((False, "model.text needs either `pretrained` (a local path/alias) or `config` (random init)"))
     for ok, message in checks:
         if not ok:

@@ -58,6 +58,8 @@ class EvalContext:
     classnames: list[str] | None = None
     templates: list[str] | None = None
     bad_samples: int = 0
+    out_dir: Path | None = None  # the run directory, where evaluators may write figures (None: write none)
+    images: dict[str, Path] = field(default_factory=dict)  # figures written, caption → path (for the run report)
     _features: dict | None = field(default=None, repr=False)
 
     @property
@@ -174,3 +176,7 @@ def run_evaluators(names: list[str], ctx: EvalContext) -> dict[str, float]:
         for key, value in EVALUATORS.get(name)(ctx).items():
             out[f"{name}/{key}"] = value
     return out
+
+
+import mm_ptft.eval.probe  # noqa: E402, F401 - registers classification, linear_probe
+import mm_ptft.finetune.detection.evaluator  # noqa: E402, F401 - registers coco

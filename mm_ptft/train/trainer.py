@@ -20,7 +20,14 @@ from mm_ptft import checkpoint as ckpt
 from mm_ptft import faults
 from mm_ptft.config import Config, ConfigError, config_to_dict, save_config
 from mm_ptft.data import DataError, DataPosition, EvalStream, TrainStream, make_loader, resolve_shards
-from mm_ptft.distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed, is_main_process
+from mm_ptft.distributed import (
+    all_reduce_max,
+    all_reduce_sum,
+    average_buffers,
+    barrier,
+    init_distributed,
+    is_main_process,
+)
 from mm_ptft.eval import EvalContext, check_classnames, read_lines_or_list, run_evaluators
 from mm_ptft.tasks import create_task
 from mm_ptft.train.logger import MetricsLogger
@@ -92,6 +99,7 @@ class Trainer:
 
         self.step = 0
         self.best: dict | None = None  # {"step", "value"} of eval.select_metric's best evaluation
+        self.report_images: dict[str, Path] = {}  # figures evaluators drew (caption → path), shown in the report
         self.evals_since_best = 0
         self.position = DataPosition(self.world, max(cfg.data.workers, 1))
         self.bad = Counter()
@@ -169,6 +177,8 @@ class Trainer:
         progress = self._progress()
         window = {"time": 0.0, "data": 0.0, "steps": 0, "loss": 0.0}
         stopped_early = False
+        if cfg.eval.at_start and self.step == 0:
+            self.evaluate()  # e.g. a zero-shot head: best-checkpoint selection never ends below the start
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             out, data_time = self.train_step(batches)
@@ -195,6 +205,7 @@ class Trainer:
                     break
             if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
                 self.save()
+            faults.maybe_fail("step", self.step, self.rank)
             if cfg.train.stop_after is not None and self.step >= cfg.train.stop_after:
                 stopped_early = True
                 break
@@ -277,6 +288,7 @@ class Trainer:
         """Run ``eval.evaluators`` on the held-out shards, on every rank (ZeRO-3 needs all ranks), log on rank 0."""
         if self.eval_shards is None:
             return {}
+        average_buffers(self.engine.module)  # every rank evaluates (and later saves) the same BatchNorm statistics
         cfg = self.cfg
         workers = min(cfg.data.workers, 1)
         tokenize = self.tokenize if self.tokenizer else None
@@ -306,14 +318,17 @@ class Trainer:
             self.device,
             self.classnames,
             self.templates,
+            out_dir=self.run_dir,
         )
         metrics = run_evaluators(cfg.eval.evaluators, ctx)
+        self.report_images.update(ctx.images)
         metrics["eval_time_s"] = time.perf_counter() - t0
         module.train(was_training)
         self.logger.log("eval", self.step, metrics)
         self._track_best(metrics)
         if is_main_process():
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("acc1", "recall@1")))
+            headline = ("acc1", "recall@1", "/map", "/map_50")
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(headline))
             print(f"[eval step {self.step}] {shown}", flush=True)
         return metrics
 
@@ -337,6 +352,7 @@ class Trainer:
     def save(self, tag: str | None = None, move_latest: bool = True) -> Path:
         """Checkpoint model, optimizer, scheduler, data position and RNG; published atomically (see checkpoint)."""
         tag = tag or ckpt.tag_for(self.step)
+        average_buffers(self.engine.module)  # rank 0's buffers are what the checkpoint keeps: make them everyone's
         partial = self.ckpt_dir / f"{ckpt.PARTIAL_PREFIX}{tag}"
         if self.dist.local_rank == 0:
             ckpt.clean_partials(self.ckpt_dir)
@@ -421,8 +437,8 @@ class Trainer:
             if self.best is not None:
                 best = ckpt.consolidate(self.ckpt_dir / ckpt.BEST)
                 ckpt.save_weights(best, self.run_dir / "best.safetensors", {"step": str(self.best["step"])})
-        barrier()
-        summary = {"step": self.step, "samples": self.step * self.global_batch, "bad_samples": sum(self.bad.values())}
+        bad = int(all_reduce_sum(torch.tensor([float(sum(self.bad.values()))], dtype=torch.float64))[0].item())
+        summary = {"step": self.step, "samples": self.step * self.global_batch, "bad_samples": bad}  # all ranks
         summary.update(metrics)
         if self.best is not None:
             summary.update({"best_step": self.best["step"], f"best/{self.cfg.eval.select_metric}": self.best["value"]})
@@ -431,6 +447,6 @@ class Trainer:
         if self.cfg.train.report and is_main_process():
             from mm_ptft.report import write_report
 
-            path = write_report(self.run_dir)
+            path = write_report(self.run_dir, images=self.report_images)
             print(f"report: {path}", flush=True)
         return summary

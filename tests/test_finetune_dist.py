@@ -1,0 +1,139 @@
+"""Fine-tuning on 2 ranks under torchrun: ZeRO-3 (last-n, zero-shot head, evaluation in lock-step) and ZeRO-2
+(linear probe) image classification, and ZeRO-3 text classification — one launch for all three.
+
+What a policy freezes must come out of any ZeRO stage exactly as it went in (rounded to the bf16 the engine holds
+it in): the reference is the pretrained checkpoint itself.
+
+    torchrun --nproc-per-node 2 tests/test_finetune_dist.py OUT IMAGE_DATA TEXT_DATA PRETRAINED   (the launch)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import tiny_overrides  # noqa: E402
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+FT_TINY = ROOT / "configs" / "finetune" / "fmnist-full-tiny.yaml"
+TEXT_TINY = ROOT / "configs" / "finetune" / "fortunes-minilm-tiny.yaml"
+UNLOCKED = 2  # last-n: trailing layer groups of the tiny ViT that train (a block, and a final norm group if any)
+
+
+def scenarios(out: Path, image_data: str, text_data: str, pretrained: str) -> None:
+    """Runs on every rank (the launched part)."""
+    from mm_ptft.config import load_config
+    from mm_ptft.train.trainer import Trainer
+
+    def run(config, data, name, *overrides):
+        cfg = load_config(config, [*tiny_overrides(data, out, name), "train.report=false", *overrides])
+        Trainer(cfg).train()
+
+    run(
+        FT_TINY,
+        image_data,
+        "zero3-lastn",
+        f"finetune.init={pretrained}",
+        "deepspeed.zero_stage=3",
+        "finetune.policy=last-n",
+        f"finetune.unlocked_groups={UNLOCKED}",
+        "train.steps=4",
+        "eval.every=2",
+        "optim.lr=1e-2",
+    )
+    run(
+        FT_TINY,
+        image_data,
+        "zero2-probe",
+        f"finetune.init={pretrained}",
+        "deepspeed.zero_stage=2",
+        "finetune.policy=linear-probe",
+        "finetune.head_init=random",
+        "train.steps=3",
+    )
+    run(TEXT_TINY, text_data, "zero3-text", "deepspeed.zero_stage=3", "train.steps=4", "eval.every=2")  # fmt: skip
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, fmnist_tiny):
+    from test_finetune import pretrained_run
+
+    import data_tools
+
+    base = tmp_path_factory.getbasetemp() / "finetune-shared"
+    pretrained = pretrained_run(base, fmnist_tiny)
+    out = tmp_path_factory.mktemp("finetune-dist")
+    text = out / "fortunes"
+    assert data_tools.main(["fortunes", "--out", str(text), "--max-per-topic", "60", "--shard-size", "30"]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    cmd = [Path(sys.executable).parent / "torchrun", "--nproc-per-node", "2", "--master-port", str(_port()),
+           __file__, str(out), str(fmnist_tiny), str(text), str(pretrained)]  # fmt: skip
+    log = out / "launch.log"
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    return out, pretrained
+
+
+def _bf16(t):
+    return t.bfloat16().float()
+
+
+def test_zero3_last_n_keeps_frozen_groups_and_evaluates_in_lock_step(launched):
+    from test_finetune import tower_groups
+
+    from mm_ptft.checkpoint import load_weights
+
+    out, pretrained = launched
+    run = out / "zero3-lastn"
+    pre, best = load_weights(pretrained / "model.safetensors"), load_weights(run / "best.safetensors")
+    groups = [[f"image.{n}" for n in g] for g in tower_groups(run)[:-1]]  # the trunk's groups, input → output
+    frozen = [n for g in groups[:-UNLOCKED] for n in g]
+    trained = [n for g in groups[-UNLOCKED:] for n in g]
+    assert frozen and all((best[k] == _bf16(pre[k])).all() for k in frozen)
+    block = next(n for n in trained if ".blocks." in n and n.endswith("fc1.weight"))  # a transformer block trained
+    assert not (best[block] == _bf16(pre[block])).all()
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    # eval.at_start: step 0 too, every rank in lock-step under ZeRO-3 before the first optimizer step
+    assert [e["step"] for e in evals] == [0, 2, 4] and all(e["classification/n"] == 256 for e in evals)
+
+
+def test_zero2_linear_probe_trains_only_the_head(launched):
+    from mm_ptft.checkpoint import load_weights
+
+    out, pretrained = launched
+    pre, final = load_weights(pretrained / "model.safetensors"), load_weights(out / "zero2-probe" / "model.safetensors")
+    tower = [k for k in final if k.startswith("image.")]
+    assert tower and all((final[k] == _bf16(pre[k])).all() for k in tower)
+    assert final["head.weight"].abs().sum() > 0
+
+
+def test_zero3_text_classification_runs_and_consolidates(launched):
+    from mm_ptft.checkpoint import load_weights
+
+    out, _ = launched
+    run = out / "zero3-text"
+    state = load_weights(run / "model.safetensors")
+    assert state["head.weight"].shape == (4, 32) and any(k.startswith("text.transformer.") for k in state)
+    summary = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["classification/n"] == 48  # 20 % of 60 quotes × 4 topics, every rank's share counted once
+
+
+if __name__ == "__main__":
+    scenarios(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
