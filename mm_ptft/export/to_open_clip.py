@@ -66,6 +66,11 @@ def unsupported_reasons(src: ExportSource) -> list[str]:
         )
     if image.pool in ("abs_attn", "rot_attn"):
         reasons.append(f"model.image.pool='{image.pool}' is open_clip's own attention pool, not timm's")
+    elif image.pool is not None and not isinstance(getattr(trunk, "fc_norm", None), (type(None), torch.nn.Identity)):
+        reasons.append(
+            f"model.image.pool='{image.pool}' gives {image.name} a norm after pooling (fc_norm): open_clip 3.3 builds "
+            "the trunk with its default pooling and only resets the pool type, so that norm has no place"
+        )
     if src.cfg.data.image.interpolation not in ("bicubic", "bilinear"):
         reasons.append(
             f"data.image.interpolation='{src.cfg.data.image.interpolation}': open_clip resizes bicubic or bilinear"
