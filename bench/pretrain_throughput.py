@@ -34,6 +34,13 @@ BIN = Path(PY).parent
 CONFIG = ROOT / "configs" / "pretrain-fmnist.yaml"
 # bf16 dense peak per GPU (TFLOP/s), for MFU on a lent accelerator
 GPU_BF16_PEAK = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "L40S": 362.0}
+# ablations of the speed choices, each an extra bf16 ZeRO-2 row (--variants NAME …)
+VARIANTS = {
+    "fused-attn": ["model.fused_attn=true", "model.text.attn_implementation=sdpa"],  # SDPA flash kernel on CPU
+    "amp_bf16": ["deepspeed.precision=amp_bf16"],  # fp32 weights + autocast (open_clip's numerics)
+    "no-workers": ["data.workers=0"],  # decode + tokenize in the training process
+    "2-workers": ["data.workers=2"],
+}
 
 
 def _port() -> int:
@@ -101,6 +108,26 @@ def flops_per_sample(overrides: list[str]) -> float:
     with FlopCounterMode(display=False) as counter:
         out = model(image, ids, torch.ones_like(ids))
         logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+        labels = torch.arange(batch)
+        loss = torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)
+        loss.backward()
+    return counter.get_total_flops() / batch
+
+
+def open_clip_flops_per_sample(context_length: int = 32) -> float:
+    """The same count for open_clip's CLIP built from OPEN_CLIP_MODEL (its own text transformer and ViT)."""
+    import open_clip
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = open_clip.model.CLIP(**OPEN_CLIP_MODEL)
+    batch = 8
+    size = OPEN_CLIP_MODEL["vision_cfg"]["image_size"]
+    image = torch.randn(batch, 3, size, size)
+    ids = torch.randint(1, 1000, (batch, context_length))
+    with FlopCounterMode(display=False) as counter:
+        image_features, text_features, logit_scale = model(image, ids)[:3]
+        logits = logit_scale * image_features @ text_features.T
         labels = torch.arange(batch)
         loss = torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)
         loss.backward()
@@ -332,9 +359,11 @@ def summarize(row: dict, warmup: int, flops: float, limit: float | None, nproc: 
     return out
 
 
-def print_table(rows: list[dict], limits: dict, flops: float) -> None:
+def print_table(rows: list[dict], limits: dict, flops: dict) -> None:
     print(
-        f"\nFLOPs per sample (fwd+bwd): {flops / 1e9:.3f} GFLOP;  matrix-product limit per process: "
+        "\nFLOPs per sample (fwd+bwd): "
+        + ", ".join(f"{k} {v / 1e9:.3f} GFLOP" for k, v in flops.items())
+        + ";  matrix-product limit per process: "
         + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in limits.items())
     )
     columns = [("samples/s", 11), ("GFLOP/s", 10), ("% limit", 9), ("data wait", 11), ("peak RSS", 10)]
@@ -361,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=8, help="steps excluded from the median")
     p.add_argument("--stages", type=int, nargs="*", default=[0, 1, 2, 3])
     p.add_argument("--precisions", nargs="*", default=["bf16", "fp32"])
+    p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS), help="ablation rows (bf16 ZeRO-2)")
     p.add_argument("--open-clip", action="store_true", help="also time open_clip_train (amp_bf16, torchrun)")
     p.add_argument("--epoch", action="store_true", help="one-epoch quality runs: mm-ptft bf16 ZeRO-2 and open_clip")
     p.add_argument("--data", default=str(ROOT / "data" / "fmnist"))
@@ -371,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     n_gpu, gpu = _cuda()
     nproc = n_gpu or 2
     device = "cuda" if n_gpu else "cpu"
-    data = Path(args.data)
+    data = Path(args.data).resolve()
     if not (data / "dataset.json").is_file():
         sys.exit(f"error: {data} has no dataset.json; run `python -m data_tools fashion-mnist --out {data}`")
     work = Path(tempfile.mkdtemp(prefix="mm_ptft_bench_"))
@@ -379,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
 
     limits = {dt: matmul_limit(dt, nproc, device) for dt in ("bf16", "fp32")}
     data_override = [f"data.train={data}", f"eval.data={data}"]
-    flops = flops_per_sample(data_override)
+    flops = {"mm-ptft": flops_per_sample(data_override + args.extra)}
+    if args.open_clip or args.epoch:
+        flops["open_clip"] = open_clip_flops_per_sample()
     raw = []
     for precision in args.precisions:
         for stage in args.stages:
@@ -390,6 +422,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             row["name"], row["precision"] = name, precision
             raw.append(row)
+    for variant in args.variants:
+        name = f"mm-ptft z2 {variant}"
+        print(f"running {name} …", flush=True)
+        row = run_mm_ptft(
+            work, name.replace(" ", "_"), 2, "bf16", args.steps, nproc, data_override + args.extra + VARIANTS[variant]
+        )
+        row["name"], row["precision"] = name, "bf16"
+        raw.append(row)
     if args.open_clip:
         print("running open_clip_train amp_bf16 …", flush=True)
         raw.append(run_open_clip(work, "open_clip amp_bf16", args.steps, nproc, data, 60000))
@@ -404,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for row in raw:
         precision = row.get("precision", "bf16")
-        rows.append(summarize(row, args.warmup, flops, limits["bf16" if precision == "bf16" else "fp32"], nproc, gpu))
+        row_flops = flops["open_clip" if row["name"].startswith("open_clip") else "mm-ptft"]
+        limit = limits["fp32" if precision == "fp32" else "bf16"]
+        rows.append(summarize(row, args.warmup, row_flops, limit, nproc, gpu))
     print_table(rows, limits, flops)
     result = {
         "device": gpu or "cpu",

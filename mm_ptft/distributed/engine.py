@@ -39,6 +39,10 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         # DeepSpeed's "memory efficient" linear replaces torch.nn.functional.linear for the rest of the process: a
         # later run in the same process (a sweep, a test) would then compute every linear layer differently
         zero.update(memory_efficient_linear=False)
+        # DeepSpeed's default preallocates a 5e8-element gradient bucket per rank (1 GB in bf16): more than the
+        # whole partitioned model state of a mid-size model. 5e6 elements keep buckets large enough to batch the
+        # reduce-scatters; raise it through deepspeed.extra.zero_optimization for very large models
+        zero.update(reduce_bucket_size=int(5e6))
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.grad_accum_steps,
