@@ -110,11 +110,10 @@ class ExportSource:
         if self.has_dual_encoder:
             return self.dual_encoder(target).image
         if "image" not in self._cache:
-            from mm_ptft.models import ImageTower
+            from mm_ptft.models import ImageTower, use_fused_attn
 
             model_cfg = self.cfg.model
-            fused = model_cfg.fused_attn if model_cfg.fused_attn is not None else torch.cuda.is_available()
-            tower = ImageTower(model_cfg.image, model_cfg.embed_dim, fused_attn=fused)
+            tower = ImageTower(model_cfg.image, model_cfg.embed_dim, fused_attn=use_fused_attn(model_cfg))
             self._cache["image"] = self._load_tower(tower, "image.")
         return self._cache["image"]
 

@@ -187,10 +187,6 @@ def _check_finetune(cfg: Config, tower: str) -> None:
             raise ConfigError(f"config: {message}")
 
 
-def _fused_attn(cfg: Config) -> bool:
-    return cfg.model.fused_attn if cfg.model.fused_attn is not None else torch.cuda.is_available()
-
-
 def zeroshot_head(cfg: Config, classnames: list[str] | None, templates: list[str] | None):
     """(image tower, class embeddings (D, C), logit scale) of the dual encoder saved at ``finetune.init``."""
     from mm_ptft.eval import check_classnames, zeroshot_classifier
@@ -217,7 +213,7 @@ def zeroshot_head(cfg: Config, classnames: list[str] | None, templates: list[str
 @TASKS.register("classification")
 def build_classification(cfg: Config, rank: int = 0, world_size: int = 1) -> ClassificationTask:
     """Image tower (from ``finetune.init``'s ``image.*`` weights, or as configured) + linear head."""
-    from mm_ptft.models import ImageTower
+    from mm_ptft.models import ImageTower, use_fused_attn
 
     _check_finetune(cfg, "image")
     classnames, templates, num_classes = resolve_classes(cfg)
@@ -225,7 +221,7 @@ def build_classification(cfg: Config, rank: int = 0, world_size: int = 1) -> Cla
     if cfg.finetune.head_init == "zeroshot":
         tower, classifier, scale = zeroshot_head(cfg, classnames, templates)
     else:
-        tower = ImageTower(cfg.model.image, cfg.model.embed_dim, fused_attn=_fused_attn(cfg))
+        tower = ImageTower(cfg.model.image, cfg.model.embed_dim, fused_attn=use_fused_attn(cfg.model))
         if cfg.finetune.init is not None:
             load_tower(tower, cfg.finetune.init, "image.")
     tower.train()

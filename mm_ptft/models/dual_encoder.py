@@ -13,6 +13,12 @@ from mm_ptft.models.image_tower import ImageTower
 from mm_ptft.models.text_tower import TextTower
 
 
+def use_fused_attn(cfg: ModelConfig) -> bool:
+    """``model.fused_attn``, or when unset: fused (SDPA) attention on CUDA, math attention on CPU, where the fused
+    kernel's backward is slower (docs/performance.md)."""
+    return cfg.fused_attn if cfg.fused_attn is not None else torch.cuda.is_available()
+
+
 class DualEncoder(nn.Module):
     """CLIP-style dual encoder over a timm image tower and a transformers text tower.
 
@@ -24,8 +30,7 @@ class DualEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        fused = cfg.fused_attn if cfg.fused_attn is not None else torch.cuda.is_available()
-        self.image = ImageTower(cfg.image, cfg.embed_dim, fused_attn=fused)
+        self.image = ImageTower(cfg.image, cfg.embed_dim, fused_attn=use_fused_attn(cfg))
         self.text = TextTower(cfg.text, cfg.embed_dim)
         # shape (1,), not (): DeepSpeed broadcasts parameters as byte views, which a 0-dim bf16 tensor cannot give
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.logit_scale_init)))

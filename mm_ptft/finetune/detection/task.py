@@ -90,6 +90,7 @@ def _tower_weights(source: str) -> dict[str, torch.Tensor]:
 def build_detection(cfg: Config, rank: int = 0, world_size: int = 1) -> DetectionTask:
     """Detector on ``cfg.model.image`` (from ``detection.init``'s image tower, or random), classes from the data."""
     from mm_ptft.data import resolve_shards
+    from mm_ptft.models import use_fused_attn
     from mm_ptft.train.trainer import image_norm_stats
 
     det = cfg.detection
@@ -106,6 +107,5 @@ def build_detection(cfg: Config, rank: int = 0, world_size: int = 1) -> Detectio
     categories = resolve_categories(cfg, shards)
     mean, std = image_norm_stats(cfg)
     weights = _tower_weights(det.init) if det.init else None
-    fused = cfg.model.fused_attn if cfg.model.fused_attn is not None else torch.cuda.is_available()
-    model = create_detection_model(cfg.model.image, det, len(categories), mean, std, weights, fused)
+    model = create_detection_model(cfg.model.image, det, len(categories), mean, std, weights, use_fused_attn(cfg.model))
     return DetectionTask(model, categories, cfg)
