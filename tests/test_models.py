@@ -163,3 +163,32 @@ def test_grad_checkpointing_gives_same_gradients():
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         if pa.grad is not None:
             torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize(
+    "text_config",
+    [
+        "{model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 3, num_attention_heads: 2, "
+        "intermediate_size: 64, max_position_embeddings: 64}",
+        "{model_type: modernbert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 3, num_attention_heads: 2, "
+        "intermediate_size: 64, max_position_embeddings: 64, pad_token_id: 0, cls_token_id: 101, sep_token_id: 102, "
+        "bos_token_id: 101, eos_token_id: 102}",
+        # open_clip's text transformer in transformers (pre-norm, causal, pooled at the end token)
+        "{model_type: clip_text_model, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 3, "
+        "num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 32, pad_token_id: 0, "
+        "bos_token_id: 101, eos_token_id: 102}",
+    ],
+)
+def test_text_tower_layers_for_each_architecture(text_config):
+    """Layer groups and last-n locking find the layer list of every supported transformers architecture."""
+    tower = create_model(tiny_cfg(f"model.text.config={text_config}").model).text
+    groups = tower.layer_groups()
+    layers = tower._layers()
+    assert len(layers) == 3
+    assert sum(len(g) for g in groups) == sum(1 for _ in tower.parameters())  # every parameter in one group
+    tower.lock(unlocked_layers=1)
+    trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
+    last = {n for n, p in tower.named_parameters() if any(p is q for q in layers[-1].parameters())}
+    assert last <= trainable
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert {n for n in trainable if n.startswith("proj.")}

@@ -124,7 +124,8 @@ class TextTower(nn.Module):
         return set()
 
     def _layers(self) -> nn.ModuleList:
-        for path in ("encoder.layer", "encoder.layers", "layers", "h", "transformer.layer", "block"):
+        paths = ("encoder.layer", "encoder.layers", "layers", "h", "transformer.layer", "block")
+        for path in (*paths, "text_model.encoder.layers"):  # the last: transformers' CLIPTextModel
             node = self.transformer
             for part in path.split("."):
                 node = getattr(node, part, None)
