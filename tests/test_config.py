@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -101,3 +103,13 @@ def test_parse_override_values():
     assert parse_override("a=runs/x") == (["a"], "runs/x")
     with pytest.raises(ConfigError, match="must look like"):
         parse_override("novalue")
+
+
+def test_every_shipped_config_loads():
+    """Every recipe under configs/ resolves its `base:` chain and passes the typed schema (no stale keys)."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted(root.rglob("*.yaml"))
+    assert len(paths) >= 20
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.task in ("contrastive", "classification", "text-classification", "detection"), path
