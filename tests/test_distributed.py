@@ -200,4 +200,5 @@ def test_two_nodes_read_disjoint_shards(tmp_path, fmnist_tiny):
     shard_of = _shard_of_keys(fmnist_tiny)
     shards = [{shard_of[k] for _, keys in _keys(tmp_path / "nodes", rank) for k in keys} for rank in (0, 1)]
     # 6 steps × 50 = 300 samples per node: half an epoch each, from shards no other node touched
-    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    logs = "\n".join((tmp_path / f"node{n}.log").read_text()[-1500:] for n in (0, 1))
+    assert shards[0] and shards[1] and not shards[0] & shards[1], f"shards per node: {shards}\n{logs}"
