@@ -8,6 +8,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
@@ -80,14 +81,27 @@ def decode_sample(
             log("bad_json", url, key)
             return None
     if need_image:
-        try:
-            with Image.open(io.BytesIO(image_bytes)) as im:
-                im.load()
-                out["image"] = transform(im) if transform is not None else im.copy()
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "bad image"
-            log("bad_image", url, f"{key}: {type(e).__name__}: {e}")
+        out["image"] = decode_image(image_bytes, transform, log, url, key)
+        if out["image"] is None:
             return None
     return out
+
+
+def decode_image(
+    image_bytes: bytes,
+    transform: Callable[[Image.Image], Any] | None,
+    log: BadSampleLog,
+    url: str,
+    key: str,
+) -> Any | None:
+    """``transform`` of the decoded image (else a loaded PIL copy); None, logged as ``bad_image``, if it fails."""
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as im:
+            im.load()
+            return transform(im) if transform is not None else im.copy()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "bad image"
+        log("bad_image", url, f"{key}: {type(e).__name__}: {e}")
+        return None
 
 
 @dataclass

@@ -14,7 +14,6 @@ is skipped and counted under its reason (``bad/<reason>`` in the logs), like any
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import zlib
@@ -24,7 +23,8 @@ import torch
 from PIL import Image
 
 from mm_ptft.config import Config, ConfigError
-from mm_ptft.data import BadSampleLog, DataError, ShardSet
+from mm_ptft.data import BadSampleLog, DataError, ShardSet, decode_image
+from mm_ptft.data.transforms import image_mode
 
 # bad-sample reasons added by detection (besides mm_ptft.data.BAD_REASONS)
 DETECTION_BAD_REASONS = ("box_outside_image", "unknown_category", "bad_annotation")
@@ -95,12 +95,8 @@ class DetectionDecoder:
         except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
             log("bad_json", url, f"{key}: {type(e).__name__}: {e}")
             return None
-        try:
-            with Image.open(io.BytesIO(image_bytes)) as im:
-                im.load()
-                image = im.convert("L" if self.in_chans == 1 else "RGB")
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "bad image"
-            log("bad_image", url, f"{key}: {type(e).__name__}: {e}")
+        image = decode_image(image_bytes, lambda im: im.convert(image_mode(self.in_chans)), log, url, key)
+        if image is None:
             return None
         width, height = image.size
         boxes, labels, crowd = [], [], []

@@ -209,6 +209,13 @@ def _detector_builder(
     sizes = anchor_sizes(det)
     n_levels = len(sizes)
     common = dict(min_size=det.min_size, max_size=det.max_size, image_mean=mean, image_std=std)
+    # RetinaNet and FCOS take the same keywords (Faster R-CNN names its box_* instead)
+    one_stage = dict(
+        common,
+        num_classes=num_classes + 1,
+        score_thresh=det.score_thresh,
+        detections_per_img=det.detections_per_image,
+    )
     ratios = tuple(float(r) for r in det.aspect_ratios)
 
     def faster_rcnn(backbone: _BackboneView) -> nn.Module:
@@ -243,15 +250,7 @@ def _detector_builder(
         # GroupNorm in the head (torchvision's RetinaNet v2): without it the focal loss spiked in a few steps here
         norm = functools.partial(nn.GroupNorm, math.gcd(32, backbone.out_channels))
         head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes + 1, norm)
-        return RetinaNet(
-            backbone,
-            num_classes + 1,
-            anchor_generator=anchors,
-            head=head,
-            score_thresh=det.score_thresh,
-            detections_per_img=det.detections_per_image,
-            **common,
-        )
+        return RetinaNet(backbone, anchor_generator=anchors, head=head, **one_stage)
 
     def fcos(backbone: _BackboneView) -> nn.Module:
         from torchvision.models.detection import FCOS
@@ -261,15 +260,7 @@ def _detector_builder(
             raise ConfigError("config: detection.head=fcos needs detection.fpn_channels divisible by 32 (GroupNorm)")
         anchors = AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * n_levels)
         head = FCOSHead(backbone.out_channels, 1, num_classes + 1, num_convs=det.head_convs)
-        return FCOS(
-            backbone,
-            num_classes + 1,
-            anchor_generator=anchors,
-            head=head,
-            score_thresh=det.score_thresh,
-            detections_per_img=det.detections_per_image,
-            **common,
-        )
+        return FCOS(backbone, anchor_generator=anchors, head=head, **one_stage)
 
     return {"faster_rcnn": faster_rcnn, "retinanet": retinanet, "fcos": fcos}[det.head]
 

@@ -76,20 +76,12 @@ class DetectionTask(Task):
         return dummy_detection_batch(cfg.model.image.in_chans, min(cfg.detection.min_size, cfg.detection.max_size))
 
 
-def _tower_weights(source: str) -> dict[str, torch.Tensor]:
-    from mm_ptft import checkpoint as ckpt
-
-    state = ckpt.load_weights(source)
-    weights = {k[len("image.") :]: v for k, v in state.items() if k.startswith("image.")}
-    if not weights:
-        raise ckpt.CheckpointError(f"checkpoint: {source} holds no image.* weights (is it an mm-ptft model?)")
-    return weights
-
-
 @TASKS.register("detection")
 def build_detection(cfg: Config, rank: int = 0, world_size: int = 1) -> DetectionTask:
     """Detector on ``cfg.model.image`` (from ``detection.init``'s image tower, or random), classes from the data."""
+    from mm_ptft import checkpoint as ckpt
     from mm_ptft.data import resolve_shards
+    from mm_ptft.finetune.model import tower_state
     from mm_ptft.models import use_fused_attn
     from mm_ptft.train.trainer import image_norm_stats
 
@@ -106,6 +98,6 @@ def build_detection(cfg: Config, rank: int = 0, world_size: int = 1) -> Detectio
     shards = resolve_shards(cfg.data.train, cfg.data.train_split) if cfg.data.train else None
     categories = resolve_categories(cfg, shards)
     mean, std = image_norm_stats(cfg)
-    weights = _tower_weights(det.init) if det.init else None
+    weights = tower_state(ckpt.load_weights(det.init), "image.", det.init) if det.init else None
     model = create_detection_model(cfg.model.image, det, len(categories), mean, std, weights, use_fused_attn(cfg.model))
     return DetectionTask(model, categories, cfg)
