@@ -125,11 +125,13 @@ class EvalConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "sgd"] = "adamw"  # torch AdamW (decoupled decay), or torch SGD with momentum (coupled decay)
     lr: float = 1e-3
     weight_decay: float = 0.2  # not applied to norms, biases, embeddings' positional tokens, logit scale/bias
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # adamw
+    eps: float = 1e-6  # adamw
+    momentum: float = 0.9  # sgd
+    nesterov: bool = True  # sgd
     image_lr_scale: float = 1.0  # per-tower learning-rate multipliers
     text_lr_scale: float = 1.0
     layer_decay: float | None = None  # layer-wise lr decay (fine-tuning); None → off
@@ -466,6 +468,11 @@ def validate(cfg: Config) -> None:
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
         (len(cfg.optim.betas) == 2, "optim.betas must have two values"),
+        (0.0 <= cfg.optim.momentum < 1.0, "optim.momentum must be in [0, 1)"),
+        (
+            cfg.optim.name != "sgd" or not cfg.optim.nesterov or cfg.optim.momentum > 0,
+            "optim.nesterov needs optim.momentum > 0",
+        ),
         (cfg.train.steps is None or cfg.train.steps > 0, "train.steps must be > 0"),
         (cfg.train.epochs > 0, "train.epochs must be > 0"),
         (cfg.model.embed_dim > 0, "model.embed_dim must be > 0"),

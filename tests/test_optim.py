@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_models import tiny_cfg
 
-from mm_ptft.config import OptimConfig, load_config
+from mm_ptft.config import ConfigError, OptimConfig, load_config
 from mm_ptft.models import create_model
 from mm_ptft.train.optim import create_optimizer, lr_lambda, param_groups
 
@@ -64,17 +64,25 @@ def test_schedule_warmup_then_cosine_to_floor():
     assert lr_lambda(OptimConfig(warmup_steps=0, schedule="linear"), 10)(5) == pytest.approx(0.5)
 
 
-def test_optimizer_is_torch_adamw_with_config():
-    cfg = load_config(
-        None,
-        [
-            "model.text.config={model_type: bert, hidden_size: 8, num_hidden_layers: 1, "
-            "num_attention_heads: 1, intermediate_size: 8}",
-            "model.text.tokenizer=minilm-l6",
-            "model.image.name=resnet18",
-            "model.image.image_size=32",
-            "optim.betas=[0.8, 0.9]",
-        ],
-    )
-    opt = create_optimizer(create_model(cfg.model), cfg.optim)
+def test_optimizer_is_torch_adamw_or_sgd_with_config():
+    overrides = [
+        "model.text.config={model_type: bert, hidden_size: 8, num_hidden_layers: 1, "
+        "num_attention_heads: 1, intermediate_size: 8}",
+        "model.text.tokenizer=minilm-l6",
+        "model.image.name=resnet18",
+        "model.image.image_size=32",
+        "optim.betas=[0.8, 0.9]",
+    ]
+    cfg = load_config(None, overrides)
+    model = create_model(cfg.model)
+    opt = create_optimizer(model, cfg.optim)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.8, 0.9)
+    cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay = "sgd", 0.1, 1e-4
+    sgd = create_optimizer(model, cfg.optim)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9 and sgd.defaults["nesterov"]
+    # the same groups as AdamW: no decay on norms / biases, per-group lr
+    assert [(g["name"], g["weight_decay"]) for g in sgd.param_groups] == [
+        (g["name"], 1e-4 if g["weight_decay"] else 0.0) for g in opt.param_groups
+    ]
+    with pytest.raises(ConfigError, match="optim.nesterov needs optim.momentum > 0"):
+        load_config(None, [*overrides, "optim.name=sgd", "optim.momentum=0"])

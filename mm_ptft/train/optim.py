@@ -64,6 +64,10 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig, prefix: str = "") -> to
     groups = param_groups(model, cfg, prefix)
     if not groups:
         raise ValueError("optim: the model has no trainable parameters (is every tower locked?)")
+    if cfg.name == "sgd":  # weight decay coupled, as torch.optim.SGD (and timm's 'sgd') apply it
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
