@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms.functional import pil_to_tensor
 
 from mm_ptft.config import ImageTransformConfig
 
@@ -49,8 +49,7 @@ class ToNormalizedTensor:
         self.channels = channels
 
     def __call__(self, im: Image.Image) -> torch.Tensor:
-        x = torch.from_numpy(np.array(im, dtype=np.uint8, copy=True))
-        x = (x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)).float().div(255)
+        x = pil_to_tensor(im).float().div(255)  # (C, H, W) uint8 → [0, 1], as T.ToTensor computes it
         if x.shape[0] != self.channels:
             x = x.expand(self.channels, -1, -1)
         return x.sub(self.mean).div(self.std)
