@@ -61,8 +61,10 @@ def test_transform_equals_torchvision_reference(source_mode, in_chans, train):
     mode = "L" if in_chans == 1 else "RGB"
     interp = T.InterpolationMode.BICUBIC
     geometry = (
-        [T.RandomResizedCrop(24, scale=(0.5, 1.0), ratio=tuple(cfg.train_ratio), interpolation=interp),
-         T.RandomHorizontalFlip(0.5)]
+        [
+            T.RandomResizedCrop(24, scale=(0.5, 1.0), ratio=tuple(cfg.train_ratio), interpolation=interp),
+            T.RandomHorizontalFlip(0.5),
+        ]
         if train
         else [T.Resize(24, interpolation=interp), T.CenterCrop(24)]
     )
@@ -97,7 +99,9 @@ def test_random_erasing_replaces_one_rectangle_in_training_only():
         box = changed[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
         # one rectangle of 2-33 % of the area (a noise pixel may equal the original by chance: allow a few)
         assert 0.02 * 28 * 28 <= box.numel() <= 0.34 * 28 * 28 and box.float().mean() > 0.95
-        assert changed.sum() == changed[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].sum()
+        # filled with noise (timm's --reprob), not a constant
+        region = erased[0, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert region.unique().numel() > region.numel() // 2
 
 
 def test_shard_stream_epochs_are_permutations_split_across_workers():
