@@ -68,13 +68,15 @@ def scenarios(tmp_path_factory, fmnist_tiny):
         ],
         out / "phase1.log",
     )
+    port = _port()
+    (out / "phase2.port").write_text(str(port))
     _run(
         [
             BIN / "deepspeed",
             "--num_gpus",
             "2",
             "--master_port",
-            str(_port()),
+            str(port),
             script,
             str(out),
             str(fmnist_tiny),
@@ -137,6 +139,17 @@ def test_resume_continues_exactly(scenarios, stage):
     b = ckpt.load_weights(cut / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_deepspeed_launch_on_cpu_leaves_no_shared_memory_behind(scenarios):
+    """Under its launcher on CPU, DeepSpeed would build its shared-memory all-reduce op and map a 69 MB /dev/shm
+    segment per rank that outlives the run (deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>); mm-ptft keeps
+    the op off, so the phase-2 launch (deepspeed launcher, 2 ranks) must leave none for its port."""
+    port = (scenarios / "phase2.port").read_text()
+    log = (scenarios / "phase2.log").read_text()
+    assert "resumed from" in log  # the launch ran its scenarios
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert "deepspeed_shm_comm" not in log  # not built (DeepSpeed prints the op's name when it loads it)
 
 
 def test_corrupt_image_is_skipped_counted_and_run_completes(scenarios):

@@ -46,6 +46,8 @@ def init_distributed(backend: str | None = None, local_rank: int | None = None, 
     if not dist.is_initialized():
         import deepspeed
 
+        if not cuda:
+            _skip_shared_memory_allreduce()
         deepspeed.init_distributed(
             dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s)
         )
@@ -56,6 +58,24 @@ def init_distributed(backend: str | None = None, local_rank: int | None = None, 
         torch.cuda.set_device(local)
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     return DistInfo(rank, world, local, local_world, device)
+
+
+# DeepSpeed's op for its shared-memory all-reduce on CPU (deepspeed/ops/op_builder/cpu/comm.py)
+DS_SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def _skip_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed's CPU backend from building and starting its shared-memory all-reduce op.
+
+    On CPU, DeepSpeed's comm layer JIT-compiles that C++ op when it initialises (about a minute of g++, repeated
+    whenever the build command changes, e.g. another checkout's venv path) and, under its launcher, maps a 69 MB
+    /dev/shm segment per rank that nothing unlinks: a few hundred launches fill RAM. Only
+    ``deepspeed.comm.inference_all_reduce`` (tensor-parallel inference) uses the op; ZeRO training's collectives go
+    through gloo, so the op is marked incompatible, which DeepSpeed's backend reads as "fall back to gloo".
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[DS_SHM_COMM_OP] = False
 
 
 def get_rank() -> int:
