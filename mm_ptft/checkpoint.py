@@ -8,6 +8,7 @@ Layout of a run's checkpoints::
             meta.json               step, ZeRO stage, world size, param-group names
             config.yaml             the run's resolved config (architecture checks on resume / export)
             trainer_state_rank0.pt  per rank: data-stream position, RNG state, counters (weights-only loadable)
+            ema.safetensors         with train.ema_decay: the fp32 moving average of the weights (rank 0's)
         .partial-step_00000200/     a save in progress (or killed): never read, removed by the next save
 
 A save is written under ``.partial-<tag>`` by every rank, renamed to ``<tag>`` once all ranks are done, and only
@@ -31,6 +32,7 @@ from mm_ptft.config import ConfigError
 LATEST = "latest"
 PARTIAL_PREFIX = ".partial-"
 META = "meta.json"
+EMA = "ema.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -176,13 +178,20 @@ def clean_partials(ckpt_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def consolidate(tag_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The model's fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (names relative to the model)."""
+def consolidate(tag_dir: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The model's fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (names relative to the model).
+
+    A run trained with ``train.ema_decay`` is its moving average (what it evaluated and selected): its checkpoints
+    carry it as ``ema.safetensors`` and that is returned unless ``ema=False`` asks for the optimizer's weights.
+    """
     from mm_ptft.distributed.engine import fp32_state_dict
 
     tag_dir = Path(tag_dir)
     meta = read_meta(tag_dir)
-    state = fp32_state_dict(tag_dir, meta.get("param_group_names"))
+    if ema and (tag_dir / EMA).is_file():
+        state = load_weights(tag_dir / EMA)
+    else:
+        state = fp32_state_dict(tag_dir, meta.get("param_group_names"))
     prefix = meta.get("model_prefix", "model.")
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 

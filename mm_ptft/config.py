@@ -165,6 +165,9 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps (0 → only at the end)
     keep_last: int = 2  # checkpoints kept on disk
     early_stop_patience: int = 0  # stop after N evaluations without improving eval.select_metric (0 → never)
+    ema_decay: float | None = None  # keep an fp32 EMA of the weights (timm's --model-ema); it is what evaluations
+    # score, best.safetensors / model.safetensors hold and consolidation returns. None → off. ZeRO 0-2
+    ema_warmup: bool = False  # ramp the EMA decay as min(decay, (1 + n) / (10 + n)) over the first updates
     resume: str | None = None  # 'latest' or a checkpoint tag
     threads: int | None = 1  # torch threads per rank (1 is best when ranks share the cores)
     progress: bool = True
@@ -486,6 +489,11 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.data.image.hflip <= 1.0, "data.image.hflip must be in [0, 1]"),
         (0.0 <= cfg.data.image.re_prob <= 1.0, "data.image.re_prob must be in [0, 1]"),
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
+        (cfg.train.ema_decay is None or 0.0 < cfg.train.ema_decay < 1.0, "train.ema_decay must be in (0, 1) or null"),
+        (
+            cfg.train.ema_decay is None or cfg.deepspeed.zero_stage < 3,
+            "train.ema_decay needs deepspeed.zero_stage <= 2 (ZeRO-3 partitions the weights it averages)",
+        ),
         (
             cfg.train.early_stop_patience == 0 or cfg.eval.select_metric is not None,
             "train.early_stop_patience needs eval.select_metric",

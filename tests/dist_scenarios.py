@@ -31,6 +31,10 @@ def run(out: Path, data: str, name: str, *overrides: str, local_rank: int | None
     return result
 
 
+def ema_overrides(stage: int) -> list[str]:
+    return ["train.ema_decay=0.9"] if stage == 2 else []
+
+
 def phase1(out: Path, data: str, bad_data: str, local_rank):
     # ZeRO 1/2/3 (bf16) and 0/3 (fp32, for an exact cross-stage comparison of consolidated weights)
     for stage, precision in [(1, "bf16"), (2, "bf16"), (3, "bf16"), (0, "fp32"), (3, "fp32")]:
@@ -49,7 +53,8 @@ def phase1(out: Path, data: str, bad_data: str, local_rank):
             "model.text.config.attention_probs_dropout_prob=0.0",
             local_rank=local_rank,
         )
-    # exact resume: an uninterrupted reference and an interrupted twin (stopped after step 5, last save at 4)
+    # exact resume: an uninterrupted reference and an interrupted twin (stopped after step 5, last save at 4);
+    # ZeRO-2 also keeps a weight EMA, which must resume exactly too
     for stage in (2, 3):
         common = [
             f"deepspeed.zero_stage={stage}",
@@ -57,6 +62,7 @@ def phase1(out: Path, data: str, bad_data: str, local_rank):
             "train.save_every=4",
             "train.record_keys=true",
             "data.workers=2",
+            *ema_overrides(stage),
         ]
         run(out, data, f"ref-zero{stage}", *common, local_rank=local_rank)
         run(out, data, f"cut-zero{stage}", *common, "train.stop_after=5", local_rank=local_rank)
@@ -75,6 +81,7 @@ def phase2(out: Path, data: str, local_rank):
             "train.save_every=4",
             "train.record_keys=true",
             "data.workers=2",
+            *ema_overrides(stage),
             "train.resume=latest",
             local_rank=local_rank,
         )

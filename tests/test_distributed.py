@@ -139,6 +139,11 @@ def test_resume_continues_exactly(scenarios, stage):
     b = ckpt.load_weights(cut / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    if stage == 2:  # train.ema_decay: model.safetensors is the weight average, carried through the resume
+        latest = ckpt.resolve_resume(cut / "checkpoints", "latest")
+        assert (latest / ckpt.EMA).is_file()
+        raw = ckpt.consolidate(latest, ema=False)
+        assert any(not torch.allclose(raw[k], b[k]) for k in b if b[k].is_floating_point())
 
 
 def test_deepspeed_launch_on_cpu_leaves_no_shared_memory_behind(scenarios):

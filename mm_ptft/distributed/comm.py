@@ -114,15 +114,19 @@ def average_buffers(module: torch.nn.Module) -> None:
     must hold the same ones: otherwise ranks evaluate different models, and the checkpoint (rank 0's buffers) is
     not the model that was evaluated.
     """
+    average_tensors([b for b in module.buffers() if b.is_floating_point()])
+
+
+def average_tensors(tensors: list[torch.Tensor]) -> None:
+    """Replace each floating-point tensor by its mean over ranks, in place (summed in fp32)."""
     world = get_world_size()
     if world == 1:
         return
     with torch.no_grad():
-        for buffer in module.buffers():
-            if buffer.is_floating_point():
-                total = buffer.detach().float().clone()
-                dist.all_reduce(total, op=dist.ReduceOp.SUM)
-                buffer.copy_(total / world)
+        for t in tensors:
+            total = t.detach().float().clone()
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            t.copy_(total / world)
 
 
 def all_reduce_max(value: float) -> float:

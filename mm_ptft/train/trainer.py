@@ -7,6 +7,7 @@ so a bad input fails in one line before any rank starts talking to another.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import tempfile
@@ -30,6 +31,7 @@ from mm_ptft.distributed import (
 )
 from mm_ptft.eval import EvalContext, check_classnames, read_lines_or_list, run_evaluators
 from mm_ptft.tasks import create_task
+from mm_ptft.train.ema import WeightEMA
 from mm_ptft.train.logger import MetricsLogger
 from mm_ptft.train.optim import create_optimizer, create_scheduler
 
@@ -93,6 +95,8 @@ class Trainer:
         optimizer = create_optimizer(self.model, cfg.optim, prefix="model.")
         self.param_group_names = [g["param_names"] for g in optimizer.param_groups]
         scheduler = create_scheduler(optimizer, cfg.optim, self.total_steps)
+        # the average starts from the fp32 weights, before the engine casts the module to its precision
+        self.ema = WeightEMA(self.task, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
         from mm_ptft.distributed.engine import build_ds_config, create_engine
 
         self.engine = create_engine(self.task, optimizer, scheduler, build_ds_config(cfg, self.world))
@@ -226,6 +230,8 @@ class Trainer:
             self.engine.step()
             for k, v in out.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v.detach().float()) / self.cfg.deepspeed.grad_accum_steps
+        if self.ema is not None:
+            self.ema.update(self.engine.module)
         self.step += 1
         return metrics, data_time
 
@@ -285,10 +291,13 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- evaluate
     def evaluate(self) -> dict:
-        """Run ``eval.evaluators`` on the held-out shards, on every rank (ZeRO-3 needs all ranks), log on rank 0."""
+        """Run ``eval.evaluators`` on the held-out shards, on every rank (ZeRO-3 needs all ranks), log on rank 0.
+        With ``train.ema_decay`` the moving average is what is evaluated (and what best-selection keeps)."""
         if self.eval_shards is None:
             return {}
         average_buffers(self.engine.module)  # every rank evaluates (and later saves) the same BatchNorm statistics
+        if self.ema is not None:
+            self.ema.average_buffers()
         cfg = self.cfg
         workers = min(cfg.data.workers, 1)
         tokenize = self.tokenize if self.tokenizer else None
@@ -320,7 +329,8 @@ class Trainer:
             self.templates,
             out_dir=self.run_dir,
         )
-        metrics = run_evaluators(cfg.eval.evaluators, ctx)
+        with self.ema.applied_to(module) if self.ema is not None else contextlib.nullcontext():
+            metrics = run_evaluators(cfg.eval.evaluators, ctx)
         self.report_images.update(ctx.images)
         metrics["eval_time_s"] = time.perf_counter() - t0
         module.train(was_training)
@@ -353,6 +363,8 @@ class Trainer:
         """Checkpoint model, optimizer, scheduler, data position and RNG; published atomically (see checkpoint)."""
         tag = tag or ckpt.tag_for(self.step)
         average_buffers(self.engine.module)  # rank 0's buffers are what the checkpoint keeps: make them everyone's
+        if self.ema is not None:
+            self.ema.average_buffers()
         partial = self.ckpt_dir / f"{ckpt.PARTIAL_PREFIX}{tag}"
         if self.dist.local_rank == 0:
             ckpt.clean_partials(self.ckpt_dir)
@@ -389,6 +401,8 @@ class Trainer:
             },
         )
         if is_main_process():
+            if self.ema is not None:
+                ckpt.save_weights(self.ema.state_dict(), partial / ckpt.EMA, {"updates": str(self.ema.updates)})
             save_config(self.cfg, partial / "config.yaml")
             meta = {
                 "step": self.step,
@@ -421,8 +435,26 @@ class Trainer:
         self.bad = Counter(state["bad"])
         self.best, self.evals_since_best = meta.get("best"), int(meta.get("evals_since_best", 0))
         torch.set_rng_state(state["rng"])
+        if self.ema is not None:
+            self._resume_ema(tag_dir)
         if is_main_process():
             print(f"resumed from {tag_dir} at step {self.step}", flush=True)
+
+    def _resume_ema(self, tag_dir: Path) -> None:
+        path = tag_dir / ckpt.EMA
+        if not path.is_file():  # EMA switched on for the rest of a run: it starts from the resumed weights
+            self.ema = WeightEMA(self.engine.module, self.cfg.train.ema_decay, self.cfg.train.ema_warmup)
+            if is_main_process():
+                print(f"{tag_dir} has no {ckpt.EMA}: the weight average starts from the resumed weights", flush=True)
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            updates = int((f.metadata() or {}).get("updates", self.step))
+        try:
+            self.ema.load_state_dict(ckpt.load_weights(path), updates)
+        except KeyError as e:
+            raise ckpt.CheckpointError(f"checkpoint: {path} does not fit this model ({e.args[0]})") from None
 
     # ------------------------------------------------------------------------------------------------ finish
     def _finish(self, stopped_early: bool) -> dict:
