@@ -15,7 +15,7 @@ import pytest
 import torch
 from braceexpand import braceexpand
 from PIL import Image
-from test_finetune import pretrained_run
+from test_finetune import FT_TINY, pretrained_run
 
 from mm_ptft.checkpoint import load_weights
 from mm_ptft.cli import main
@@ -133,6 +133,42 @@ def test_eval_metrics_agree_with_sklearn_and_numpy(pre, fmnist_tiny, tmp_path):
     assert float(rows["zeroshot_classification"]["acc1"]) == pytest.approx(metrics["zeroshot/acc1"])
     assert float(rows["linear_probe"]["lp_acc1"]) == pytest.approx(metrics["linear_probe/lp_acc1"])
     assert rows["zeroshot_retrieval"]["dataset"] == "fashion-mnist"
+
+
+def test_classification_and_flip_metrics_agree_with_sklearn(pre, fmnist_tiny, tmp_path):
+    """`classification` and `classification_hflip` of a classifier (the zero-shot-headed fine-tune start, saved as
+    a file) against sklearn on logits of numpy-preprocessed images and of their mirror images."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, top_k_accuracy_score
+
+    from mm_ptft.checkpoint import save_weights
+    from mm_ptft.config import save_config
+    from mm_ptft.tasks import create_task
+
+    cfg = load_config(FT_TINY, [f"data.train={fmnist_tiny}", f"eval.data={fmnist_tiny}", f"finetune.init={pre}"])
+    task = create_task(cfg).eval()
+    save_weights(task.model.state_dict(), tmp_path / "model.safetensors")
+    save_config(cfg, tmp_path / "config.yaml")
+    out = tmp_path / "eval.json"
+    args = [f"eval.max_samples={N}", "eval.batch_size=64", "eval.evaluators=[classification,classification_hflip]"]
+    assert main(["eval", "--model", str(tmp_path / "model.safetensors"), "--out", str(out), *args]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+
+    samples = read_split(fmnist_tiny, "test", N)
+    mean, std = np.array(cfg.data.image.mean), np.array(cfg.data.image.std)
+    pixels = np.stack([(np.asarray(s["image"], dtype=np.float64) / 255.0 - mean) / std for s in samples])
+    images = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).float()
+    mirrored = torch.from_numpy(np.ascontiguousarray(pixels[:, :, ::-1].transpose(0, 3, 1, 2))).float()
+    labels = np.array([s["label"] for s in samples])
+    with torch.no_grad():
+        probs = task.model(images).double().softmax(-1).numpy()
+        flip_probs = (probs + task.model(mirrored).double().softmax(-1).numpy()) / 2
+    assert not np.array_equal(probs.argmax(1), flip_probs.argmax(1))  # the flips change some predictions
+    for name, p in (("classification", probs), ("classification_hflip", flip_probs)):
+        assert metrics[f"{name}/acc1"] == pytest.approx(accuracy_score(labels, p.argmax(1)), abs=1e-6), name
+        assert metrics[f"{name}/acc5"] == pytest.approx(top_k_accuracy_score(labels, p, k=5, labels=range(10)))
+        assert metrics[f"{name}/mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, p.argmax(1)))
+        assert metrics[f"{name}/loss"] == pytest.approx(log_loss(labels, p, labels=range(10)), rel=1e-4), name
+        assert metrics[f"{name}/n"] == N
 
 
 def test_logistic_regression_matches_sklearn():

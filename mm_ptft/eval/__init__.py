@@ -178,5 +178,5 @@ def run_evaluators(names: list[str], ctx: EvalContext) -> dict[str, float]:
     return out
 
 
-import mm_ptft.eval.probe  # noqa: E402, F401 - registers classification, linear_probe
+import mm_ptft.eval.probe  # noqa: E402, F401 - registers classification(_hflip), linear_probe
 import mm_ptft.finetune.detection.evaluator  # noqa: E402, F401 - registers coco

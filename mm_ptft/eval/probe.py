@@ -1,11 +1,12 @@
-"""Evaluators of classifiers and of frozen features: ``classification`` and ``linear_probe``.
+"""Evaluators of classifiers and of frozen features: ``classification(_hflip)`` and ``linear_probe``.
 
 ``classification`` runs a fine-tuned classifier (``mm_ptft.finetune``) on the held-out split: acc1, acc5,
-mean_per_class_recall and the cross-entropy ``loss``. ``linear_probe`` fits an L2-regularised multinomial logistic
-regression on frozen features of the ``train`` split (L-BFGS, the objective of sklearn's ``LogisticRegression``; its
-``C`` picked on a held-out fifth of the train features) and reports CLIP_benchmark's ``lp_acc1``, ``lp_acc5`` and
-``lp_mean_per_class_recall`` on the held-out split. It needs the train batches, which ``mm-ptft eval`` provides
-through :class:`ProbeContext`.
+mean_per_class_recall and the cross-entropy ``loss``; ``classification_hflip`` reports the same with test-time flips
+(class probabilities of each image and its mirror image averaged). ``linear_probe`` fits an L2-regularised
+multinomial logistic regression on frozen features of the ``train`` split (L-BFGS, the objective of sklearn's
+``LogisticRegression``; its ``C`` picked on a held-out fifth of the train features) and reports CLIP_benchmark's
+``lp_acc1``, ``lp_acc5`` and ``lp_mean_per_class_recall`` on the held-out split. It needs the train batches, which
+``mm-ptft eval`` provides through :class:`ProbeContext`.
 """
 
 from __future__ import annotations
@@ -43,12 +44,32 @@ def _check_range(labels: torch.Tensor, num_classes: int, what: str) -> None:
 @torch.no_grad()
 def evaluate_classification(ctx: EvalContext) -> dict[str, float]:
     """A classifier task's held-out acc1, acc5, mean_per_class_recall and cross-entropy loss."""
+    return _evaluate_classifier(ctx, lambda task, batch: task.logits(batch).float())
+
+
+@EVALUATORS.register("classification_hflip")
+@torch.no_grad()
+def evaluate_classification_hflip(ctx: EvalContext) -> dict[str, float]:
+    """The same metrics with test-time flips: each image's class probabilities averaged with its mirror image's
+    (two forward passes). Meaningful where a horizontal flip keeps the label (as ``data.image.hflip`` assumes)."""
+    if not getattr(ctx.task, "needs_image", False):
+        raise ConfigError("eval: classification_hflip needs an image classification task (task: classification)")
+
+    def log_probs(task, batch: dict) -> torch.Tensor:
+        mirrored = {**batch, "image": batch["image"].flip(-1)}
+        probs = (task.logits(batch).float().softmax(-1) + task.logits(mirrored).float().softmax(-1)) / 2
+        return probs.log()  # log of the averaged probabilities: ranks as the probabilities, NLL is their loss
+
+    return _evaluate_classifier(ctx, log_probs)
+
+
+def _evaluate_classifier(ctx: EvalContext, scores: Callable[[torch.nn.Module, dict], torch.Tensor]) -> dict[str, float]:
     task = ctx.task
     if not hasattr(task, "logits"):
-        raise ConfigError("eval: the classification evaluator needs a classification task (task: classification)")
+        raise ConfigError("eval: the classification evaluators need a classification task (task: classification)")
     logits, labels = [], []
     for batch, real in ctx.iterate():
-        out = task.logits(batch).float().cpu()
+        out = scores(task, batch).cpu()
         if real:
             logits.append(out)
             labels.append(batch["label"].cpu())
@@ -58,7 +79,7 @@ def evaluate_classification(ctx: EvalContext) -> dict[str, float]:
         raise DataError("data: the held-out split has no samples")
     _check_range(labels, task.num_classes, "held-out")
     metrics = classification_metrics(logits, labels)
-    metrics["loss"] = F.cross_entropy(logits, labels).item()
+    metrics["loss"] = F.cross_entropy(logits, labels).item()  # = NLL for log-probabilities (they are normalised)
     return {**metrics, "n": float(labels.numel())}
 
 
