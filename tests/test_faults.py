@@ -1,7 +1,7 @@
 """Fault injection across processes (docs/reliability.md): a rank SIGKILLed in the middle of a save, then another
 at a random step (both by MM_PTFT_FAULT, see mm_ptft/faults.py); each time `train.resume=latest` continues. The keys
 every rank consumed, once the replayed steps after the last checkpoint are removed, must equal an uninterrupted run's
-exactly (nothing lost, nothing repeated), and so must the final weights. ZeRO-2 and ZeRO-3."""
+exactly (nothing lost, nothing repeated), and so must the final weights. ZeRO-2 (with a weight EMA) and ZeRO-3."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_scenarios import ema_overrides
 from test_distributed import BIN, ROOT, _env, _keys, _port, scenarios  # noqa: F401 - the shared reference runs
 
 from mm_ptft import checkpoint as ckpt
@@ -26,7 +27,7 @@ def _launch(out: Path, data: Path, stage: int, resume: bool, env_extra: dict | N
         *("-c", str(TINY), f"data.train={data}", f"eval.data={data}", f"train.output_dir={out}"),
         *(f"train.name=z{stage}", "train.progress=false", "train.tensorboard=false", "train.report=false"),
         *(f"deepspeed.zero_stage={stage}", "train.steps=8", "train.save_every=2", "train.record_keys=true"),
-        *("data.workers=2", "deepspeed.timeout_s=60"),
+        *("data.workers=2", "deepspeed.timeout_s=60", *ema_overrides(stage)),  # ZeRO-2: the weight EMA survives too
     ]
     if resume:
         cmd.append("train.resume=latest")
