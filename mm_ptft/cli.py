@@ -86,6 +86,7 @@ def cmd_consolidate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mm-ptft consolidate", description=cmd_consolidate.__doc__)
     p.add_argument("source", help="run directory, its checkpoints/ dir, or one checkpoint tag dir")
     p.add_argument("--out", help="output .safetensors (default: <source>/model.safetensors or <tag>/model.safetensors)")
+    p.add_argument("--raw", action="store_true", help="with train.ema_decay: the optimizer's weights, not the EMA")
     args = p.parse_args(argv)
     source = Path(args.source)
     tag_dir = source
@@ -95,10 +96,11 @@ def cmd_consolidate(argv: list[str]) -> int:
         if tag_dir is None:
             raise ckpt.CheckpointError(f"checkpoint: no complete checkpoint under {source}")
     out = Path(args.out) if args.out else tag_dir / "model.safetensors"
-    state = ckpt.consolidate(tag_dir)
+    state = ckpt.consolidate(tag_dir, ema=not args.raw)
     ckpt.save_weights(state, out, {"source": str(tag_dir)})
     n = sum(v.numel() for v in state.values())
-    print(f"wrote {out} ({len(state)} tensors, {n / 1e6:.2f}M parameters, fp32) from {tag_dir}")
+    what = "weight EMA" if not args.raw and (tag_dir / ckpt.EMA).is_file() else "weights"
+    print(f"wrote {out} ({len(state)} tensors, {n / 1e6:.2f}M parameters, fp32 {what}) from {tag_dir}")
     return 0
 
 

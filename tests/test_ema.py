@@ -13,6 +13,7 @@ from conftest import tiny_overrides
 from torch import nn
 
 from mm_ptft import checkpoint as ckpt
+from mm_ptft.cli import main
 from mm_ptft.config import ConfigError, load_config
 from mm_ptft.evaluate import evaluate_model, load_trained
 from mm_ptft.train.ema import WeightEMA
@@ -107,6 +108,8 @@ def test_trainer_evaluates_and_saves_the_average_of_its_engine_weights(fmnist_ti
     raw = ckpt.consolidate(latest, ema=False)  # ...while the optimizer's own stay in the checkpoint
     torch.testing.assert_close(raw["head.weight"], snapshots[-1]["model.head.weight"])
     assert not torch.allclose(raw["head.weight"], saved["head.weight"])
+    assert main(["consolidate", str(run), "--raw", "--out", str(tmp_path / "raw.safetensors")]) == 0
+    assert_states_close(ckpt.load_weights(tmp_path / "raw.safetensors"), {k: v.double() for k, v in raw.items()})
 
     # what the run evaluated at its end is the saved average, scored again from the file
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
