@@ -69,7 +69,7 @@ def _skip_shared_memory_allreduce() -> None:
 
     On CPU, DeepSpeed's comm layer JIT-compiles that C++ op when it initialises (about a minute of g++, repeated
     whenever the build command changes, e.g. another checkout's venv path) and, under its launcher, maps a 69 MB
-    /dev/shm segment per rank that nothing unlinks: a few hundred launches fill RAM. Only
+    /dev/shm segment per rank that nothing unlinks: ~150 two-rank launches held 20 GB of RAM. Only
     ``deepspeed.comm.inference_all_reduce`` (tensor-parallel inference) uses the op; ZeRO training's collectives go
     through gloo, so the op is marked incompatible, which DeepSpeed's backend reads as "fall back to gloo".
     """
