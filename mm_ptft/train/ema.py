@@ -9,6 +9,11 @@ so every rank holds the same average; ZeRO-3 partitions them and is refused by t
 
 With ``train.ema_warmup`` the decay ramps as ``min(decay, (1 + n) / (10 + n))`` over the first updates
 (TensorFlow's ``ExponentialMovingAverage(num_updates=n)``), so a short run is not dominated by its start.
+
+Why not timm's ``ModelEmaV3``: the timm installed here (1.0.31) can keep an fp32 average of a bf16 module
+(``dtype=torch.float32``, mixed-dtype updates), but pyproject accepts timm from 1.0.9, and that range is not known to
+have it (a plain ``torch._foreach_lerp_`` refuses fp32/bf16 pairs). This class needs only a state dict, not a deep
+copy of the task, and takes the engine's module whatever its dtype.
 """
 
 from __future__ import annotations
