@@ -207,6 +207,17 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dic
     os.replace(tmp, path)
 
 
+def load_weights_with_metadata(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of one ``.safetensors`` file, read once."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint: cannot read {path}: {e}") from None
+
+
 def load_weights(source: str | Path) -> dict[str, torch.Tensor]:
     """fp32 model weights from a ``.safetensors`` file, a checkpoint tag directory, a run directory (its
     ``model.safetensors``, else its latest checkpoint) or a ``.pt``/``.bin`` state dict (weights-only)."""
@@ -224,13 +235,7 @@ def load_weights(source: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"checkpoint: no model.safetensors and no complete checkpoint under {path}")
         return consolidate(tag_dir)
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"checkpoint: cannot read {path}: {e}") from None
+        return load_weights_with_metadata(path)[0]
     state = safe_load(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

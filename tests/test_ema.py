@@ -132,3 +132,41 @@ def test_bad_ema_settings_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_config(CNN_TINY, overrides)
     assert "\n" not in str(e.value)
+
+
+def test_ema_switched_on_at_resume_starts_from_the_resumed_weights(fmnist_tiny, tmp_path, monkeypatch):
+    """A checkpoint without ema.safetensors (the run had no EMA): the average starts at the resumed weights, counts
+    its updates from there, and lands in the next checkpoint."""
+    from mm_ptft.train.trainer import Trainer
+
+    base = [*tiny_overrides(fmnist_tiny, tmp_path, "late"), "finetune.init=null", "finetune.head_init=random",
+            "deepspeed.precision=fp32", "train.steps=5", "optim.lr=1e-2", "optim.warmup_steps=0",
+            "train.report=false", "eval.every=0"]  # fmt: skip
+    Trainer(load_config(CNN_TINY, [*base, "train.steps=3"])).train()
+    run = tmp_path / "late"
+    first = ckpt.resolve_resume(run / "checkpoints", "latest")
+    assert not (first / ckpt.EMA).exists()
+    resumed = ckpt.consolidate(first)
+
+    trainer = Trainer(load_config(CNN_TINY, [*base, "train.resume=latest", "train.ema_decay=0.3"]))
+    assert trainer.step == 3 and trainer.ema.updates == 0
+    start = {k: v.double() if v.is_floating_point() else v for k, v in snapshot(trainer.engine.module).items()}
+    assert_states_close(trainer.ema.state_dict(), start)
+    for k, v in resumed.items():  # the engine holds the checkpoint's weights
+        torch.testing.assert_close(start[f"model.{k}"].double(), v.double(), atol=1e-6, rtol=0, msg=k)
+    snapshots = [{k: v.clone() for k, v in trainer.ema.state_dict().items()}]
+    update = trainer.ema.update
+
+    def recording_update(module):
+        snapshots.append(snapshot(module))
+        update(module)
+
+    monkeypatch.setattr(trainer.ema, "update", recording_update)
+    trainer.train()
+    assert len(snapshots) == 3  # steps 4 and 5
+    want = naive_ema(snapshots, 0.3, warmup=False)
+    assert_states_close(trainer.ema.state_dict(), want)
+    last = ckpt.resolve_resume(run / "checkpoints", "latest")
+    saved, meta = ckpt.load_weights_with_metadata(last / ckpt.EMA)
+    assert meta["updates"] == "2"
+    assert_states_close(saved, want)

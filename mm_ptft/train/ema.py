@@ -34,11 +34,15 @@ class WeightEMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay, self.warmup = decay, warmup
-        self.updates = 0
-        self.state = {k: _fp32(v) for k, v in module.state_dict().items()}
+        self.reset_to(module)
         self.float_keys = [k for k, v in self.state.items() if v.is_floating_point()]
         buffers = {k for k, _ in module.named_buffers()}
         self.buffer_keys = [k for k in self.float_keys if k in buffers]
+
+    def reset_to(self, module: nn.Module) -> None:
+        """Restart the average at ``module``'s current weights (no updates counted)."""
+        self.updates = 0
+        self.state = {k: _fp32(v) for k, v in module.state_dict().items()}
 
     def decay_at(self, updates: int) -> float:
         """The decay of the ``updates``-th update (1-based)."""

@@ -443,16 +443,13 @@ class Trainer:
     def _resume_ema(self, tag_dir: Path) -> None:
         path = tag_dir / ckpt.EMA
         if not path.is_file():  # EMA switched on for the rest of a run: it starts from the resumed weights
-            self.ema = WeightEMA(self.engine.module, self.cfg.train.ema_decay, self.cfg.train.ema_warmup)
+            self.ema.reset_to(self.engine.module)
             if is_main_process():
                 print(f"{tag_dir} has no {ckpt.EMA}: the weight average starts from the resumed weights", flush=True)
             return
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            updates = int((f.metadata() or {}).get("updates", self.step))
+        state, meta = ckpt.load_weights_with_metadata(path)
         try:
-            self.ema.load_state_dict(ckpt.load_weights(path), updates)
+            self.ema.load_state_dict(state, int(meta.get("updates", self.step)))
         except KeyError as e:
             raise ckpt.CheckpointError(f"checkpoint: {path} does not fit this model ({e.args[0]})") from None
 
