@@ -17,7 +17,6 @@ then does ``latest`` move. A kill at any point leaves the previous checkpoint lo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -147,18 +146,22 @@ def safe_load(path: str | Path) -> dict:
 BEST = "best"
 
 
-def publish(ckpt_dir: Path, tag: str, keep_last: int, move_latest: bool = True) -> None:
+def publish(ckpt_dir: Path, tag: str, keep_last: int, move_latest: bool = True, primary: bool = True) -> None:
     """Rename the finished ``.partial-<tag>`` into place, move ``latest``, prune old step checkpoints.
 
-    Called by one process per node-local file system after a barrier that every rank has passed.
+    Called by each node's local rank 0 after a barrier that every rank has passed; ``primary`` is global rank 0, the
+    one that writes ``meta.json``. Another node publishes only a file system of its own: where it sees rank 0's
+    ``meta.json`` in the partial (or the partial already renamed), the file system is shared and rank 0 publishes
+    alone — two nodes renaming, replacing and pruning the same directories would race (one could delete the
+    checkpoint the other had just put in place).
     """
     partial, final = ckpt_dir / f"{PARTIAL_PREFIX}{tag}", ckpt_dir / tag
+    if not primary and (not partial.is_dir() or (partial / META).is_file()):
+        return
     if partial.is_dir():
         if final.exists():
             shutil.rmtree(final)
-        # on a shared file system another node's process may have renamed it first
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(partial, final)
+        os.replace(partial, final)
     if move_latest:
         atomic_write_text(ckpt_dir / LATEST, tag + "\n")
     steps = [p for p in list_checkpoints(ckpt_dir) if p.name != BEST]

@@ -44,6 +44,28 @@ def test_resume_falls_back_to_newest_complete_and_prunes(tmp_path):
         ckpt.resolve_resume(c, "step_00000001")
 
 
+def test_on_a_shared_file_system_only_rank_0_publishes(tmp_path):
+    """Two nodes over one file system: the other node's local rank 0 sees rank 0's meta.json in the partial (or the
+    partial already renamed) and leaves publishing to rank 0, whichever of the two gets there first. Before, a node
+    arriving between rank 0's rename and its own check deleted the checkpoint rank 0 had just put in place."""
+    c = tmp_path / "checkpoints"
+    tag = ckpt.tag_for(6)
+    _fake_tag(c, f".partial-{tag}", 6)
+    ckpt.publish(c, tag, keep_last=2, primary=False)  # the other node first: nothing moves
+    assert (c / f".partial-{tag}" / ckpt.META).is_file() and not (c / tag).exists() and not (c / "latest").exists()
+    ckpt.publish(c, tag, keep_last=2)
+    ckpt.publish(c, tag, keep_last=2, primary=False)  # the other node after rank 0: the checkpoint stays
+    assert ckpt.resolve_resume(c, "latest") == c / tag and ckpt.read_meta(c / tag)["step"] == 6
+
+    # a node-local file system: the other node's partial holds only its own files, and it publishes them itself
+    local = tmp_path / "node1" / "checkpoints"
+    (local / f".partial-{tag}").mkdir(parents=True)
+    (local / f".partial-{tag}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"shard")
+    ckpt.publish(local, tag, keep_last=2, primary=False)
+    assert (local / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    assert (local / "latest").read_text().strip() == tag
+
+
 def test_atomic_write_leaves_no_temp_files(tmp_path):
     ckpt.atomic_write_text(tmp_path / "latest", "a\n")
     ckpt.atomic_write_text(tmp_path / "latest", "b\n")

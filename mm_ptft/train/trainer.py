@@ -380,7 +380,7 @@ class Trainer:
         barrier()  # every rank's files are on disk before the checkpoint becomes visible
         faults.maybe_fail("before_publish", self.step, self.rank)
         if self.dist.local_rank == 0:
-            ckpt.publish(self.ckpt_dir, tag, self.cfg.train.keep_last, move_latest)
+            ckpt.publish(self.ckpt_dir, tag, self.cfg.train.keep_last, move_latest, primary=is_main_process())
         barrier()
         return self.ckpt_dir / tag
 
