@@ -44,6 +44,21 @@ def snapshot(module: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def train_recording_ema(trainer, monkeypatch) -> list[dict]:
+    """Run ``trainer.train()``; returns the EMA's state before it, then the module's weights at every EMA update
+    (recorded from inside the real loop) — the snapshots a naive average of the run starts from."""
+    snapshots = [{k: v.clone() for k, v in trainer.ema.state_dict().items()}]
+    update = trainer.ema.update
+
+    def recording_update(module):
+        snapshots.append(snapshot(module))
+        update(module)
+
+    monkeypatch.setattr(trainer.ema, "update", recording_update)
+    trainer.train()
+    return snapshots
+
+
 @pytest.mark.parametrize("warmup", [False, True])
 def test_weight_ema_matches_a_naive_average_parameters_and_buffers(warmup):
     torch.manual_seed(0)
@@ -88,15 +103,7 @@ def test_trainer_evaluates_and_saves_the_average_of_its_engine_weights(fmnist_ti
                  f"train.ema_decay={decay}", "train.ema_warmup=true", "train.report=false"]  # fmt: skip
     trainer = Trainer(load_config(CNN_TINY, overrides))
     assert trainer.ema is not None
-    snapshots = [{k: v.clone() for k, v in trainer.ema.state_dict().items()}]  # the fp32 start, before the engine
-    update = trainer.ema.update
-
-    def recording_update(module):
-        snapshots.append(snapshot(module))
-        update(module)
-
-    monkeypatch.setattr(trainer.ema, "update", recording_update)
-    trainer.train()
+    snapshots = train_recording_ema(trainer, monkeypatch)  # [0]: the fp32 start, before the engine
     assert len(snapshots) == steps + 1  # one update per optimizer step
     want = naive_ema(snapshots, decay, warmup=True)
     assert_states_close(trainer.ema.state_dict(), want)
@@ -154,15 +161,7 @@ def test_ema_switched_on_at_resume_starts_from_the_resumed_weights(fmnist_tiny, 
     assert_states_close(trainer.ema.state_dict(), start)
     for k, v in resumed.items():  # the engine holds the checkpoint's weights
         torch.testing.assert_close(start[f"model.{k}"].double(), v.double(), atol=1e-6, rtol=0, msg=k)
-    snapshots = [{k: v.clone() for k, v in trainer.ema.state_dict().items()}]
-    update = trainer.ema.update
-
-    def recording_update(module):
-        snapshots.append(snapshot(module))
-        update(module)
-
-    monkeypatch.setattr(trainer.ema, "update", recording_update)
-    trainer.train()
+    snapshots = train_recording_ema(trainer, monkeypatch)
     assert len(snapshots) == 3  # steps 4 and 5
     want = naive_ema(snapshots, 0.3, warmup=False)
     assert_states_close(trainer.ema.state_dict(), want)

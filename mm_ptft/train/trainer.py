@@ -290,14 +290,18 @@ class Trainer:
             )
 
     # -------------------------------------------------------------------------------------------- evaluate
+    def _average_buffers(self) -> None:
+        """Float buffers (BatchNorm statistics) averaged over ranks, the engine's and the weight EMA's."""
+        average_buffers(self.engine.module)
+        if self.ema is not None:
+            self.ema.average_buffers()
+
     def evaluate(self) -> dict:
         """Run ``eval.evaluators`` on the held-out shards, on every rank (ZeRO-3 needs all ranks), log on rank 0.
         With ``train.ema_decay`` the moving average is what is evaluated (and what best-selection keeps)."""
         if self.eval_shards is None:
             return {}
-        average_buffers(self.engine.module)  # every rank evaluates (and later saves) the same BatchNorm statistics
-        if self.ema is not None:
-            self.ema.average_buffers()
+        self._average_buffers()  # every rank evaluates (and later saves) the same BatchNorm statistics
         cfg = self.cfg
         workers = min(cfg.data.workers, 1)
         tokenize = self.tokenize if self.tokenizer else None
@@ -362,9 +366,7 @@ class Trainer:
     def save(self, tag: str | None = None, move_latest: bool = True) -> Path:
         """Checkpoint model, optimizer, scheduler, data position and RNG; published atomically (see checkpoint)."""
         tag = tag or ckpt.tag_for(self.step)
-        average_buffers(self.engine.module)  # rank 0's buffers are what the checkpoint keeps: make them everyone's
-        if self.ema is not None:
-            self.ema.average_buffers()
+        self._average_buffers()  # rank 0's buffers are what the checkpoint keeps: make them everyone's
         partial = self.ckpt_dir / f"{ckpt.PARTIAL_PREFIX}{tag}"
         if self.dist.local_rank == 0:
             ckpt.clean_partials(self.ckpt_dir)
