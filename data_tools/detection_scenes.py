@@ -179,7 +179,7 @@ def write_coco_split(
             storable, no image is usable, or the class list differs from one already in ``out``.
     """
     from mm_ptft.data import DataError
-    from mm_ptft.finetune.detection.coco import read_coco
+    from mm_ptft.data.coco import read_coco
 
     try:
         dataset = read_coco(ann_file, image_dir, box_tolerance)

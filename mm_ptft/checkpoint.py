@@ -221,6 +221,22 @@ def load_weights_with_metadata(path: str | Path) -> tuple[dict[str, torch.Tensor
         raise CheckpointError(f"checkpoint: cannot read {path}: {e}") from None
 
 
+def find_checkpoint(source: Path) -> Path:
+    """The complete checkpoint ``source`` names: itself (a tag dir), else the latest under ``source/checkpoints``
+    (a run dir) or under ``source`` (a checkpoints dir).
+
+    Raises:
+        CheckpointError: there is none.
+    """
+    if is_complete(source):
+        return source
+    ckpt_dir = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+    tag_dir = resolve_resume(ckpt_dir, "latest")
+    if tag_dir is None:
+        raise CheckpointError(f"checkpoint: no complete checkpoint under {source}")
+    return tag_dir
+
+
 def load_weights(source: str | Path) -> dict[str, torch.Tensor]:
     """fp32 model weights from a ``.safetensors`` file, a checkpoint tag directory, a run directory (its
     ``model.safetensors``, else its latest checkpoint) or a ``.pt``/``.bin`` state dict (weights-only)."""
@@ -230,13 +246,7 @@ def load_weights(source: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         if (path / "model.safetensors").is_file():
             return load_weights(path / "model.safetensors")
-        if is_complete(path):
-            return consolidate(path)
-        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        tag_dir = resolve_resume(ckpt_dir, "latest")
-        if tag_dir is None:
-            raise CheckpointError(f"checkpoint: no model.safetensors and no complete checkpoint under {path}")
-        return consolidate(tag_dir)
+        return consolidate(find_checkpoint(path))
     if path.suffix == ".safetensors":
         return load_weights_with_metadata(path)[0]
     state = safe_load(path)

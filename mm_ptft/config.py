@@ -121,6 +121,8 @@ class EvalConfig:
     templates: list[str] | str | None = None  # list, or a file; each with '{}' for the class name
     select_metric: str | None = None  # logged eval metric (e.g. 'classification/acc1') that picks the best checkpoint
     select_mode: Literal["max", "min"] = "max"
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-evaluator settings, e.g.
+    # {linear_probe: {max_train_samples: 5000}, coco: {draw_images: 2}}; each evaluator declares its own keys
 
 
 @dataclass
@@ -223,22 +225,21 @@ class DetectionConfig:
     autocast: bool = False  # run the tower under bf16 autocast (CPU/GPU), the FPN and head in the model's dtype
     score_thresh: float = 0.05  # detections kept for evaluation
     detections_per_image: int = 100
-    draw_images: int = 6  # held-out images drawn with their predictions into the run report (0 → none)
-    draw_score: float = 0.5  # predictions drawn above this score
 
 
 @dataclass
 class Config:
-    task: str = "contrastive"  # registered task
+    task: str = "contrastive"  # registered task (mm_ptft.tasks); it says which optional sections below it reads
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    # task sections: filled with defaults for the task that reads them, absent otherwise (mm_ptft.tasks.configure_task)
+    loss: LossConfig | None = None  # contrastive
+    finetune: FinetuneConfig | None = None  # classification, text-classification
+    detection: DetectionConfig | None = None  # detection
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -336,16 +337,21 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(data: dict[str, Any], cls: type = Config) -> Any:
-    """Build a typed config from plain nested data, rejecting unknown keys and wrong types."""
-    cfg = _from_dict(cls, data)
+def config_from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
+    """Build a typed config from plain nested data, rejecting unknown keys and wrong types (keys in errors start
+    with ``prefix``, e.g. ``eval.settings.coco``)."""
+    cfg = _from_dict(cls, data, prefix)
     if isinstance(cfg, Config):
         validate(cfg)
     return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain nested data of a config; task sections its task does not read (None) are left out."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None or k not in _OPTIONAL_SECTIONS}
+
+
+_OPTIONAL_SECTIONS = ("loss", "finetune", "detection")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -398,7 +404,26 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    if _has_braces_read_as_mapping(raw, value):
+        value = _split_flow_list(raw)
     return key.split("."), value
+
+
+def _has_braces_read_as_mapping(raw: str, value: Any) -> bool:
+    """``[a photo of a {}., a {} in the dark]`` is a YAML flow list whose ``{}`` YAML reads as empty mappings (or
+    fails to parse): the user meant templates, where ``{}`` marks the class name."""
+    text = raw.strip()
+    if not (text.startswith("[") and text.endswith("]") and "{}" in text):
+        return False
+    return not isinstance(value, list) or any(not isinstance(v, str) for v in value)
+
+
+def _split_flow_list(raw: str) -> list[str]:
+    """The items of ``[a, b, c]`` as plain strings (commas separate items; quotes around an item are dropped)."""
+    items = [item.strip() for item in raw.strip()[1:-1].split(",")]
+    return [
+        item[1:-1] if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"" else item for item in items if item
+    ]
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Config) -> dict[str, Any]:
@@ -507,8 +532,6 @@ def validate(cfg: Config) -> None:
                 f"data.image.{mean_std} needs {cfg.model.image.in_chans} values (model.image.in_chans)",
             )
         )
-    if cfg.task != "detection" and cfg.model.text.pretrained is None and not cfg.model.text.config:
-        checks.append((False, "model.text needs either `pretrained` (a local path/alias) or `config` (random init)"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"config: {message}")

@@ -3,7 +3,7 @@
 The trainer calls :func:`write_report` at the end of every run; the same report can be regenerated
 (e.g. for a run that was killed) with::
 
-    python -m mm_ptft.report RUN_DIR [--title TITLE]
+    mm-ptft report RUN_DIR [--title TITLE]
 
 Layout of a run directory::
 
@@ -15,7 +15,6 @@ Layout of a run directory::
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -47,6 +46,9 @@ _PANEL_SIZE = (7.0, 3.4)
 _GENERATED_PLOTS = ("loss.png", "lr.png", "logit_scale.png", "samples_per_s.png", "data_wait.png", "eval.png")
 # Metric-name fragments for which a smaller value is better (losses, error rates, timings).
 _LOWER_IS_BETTER = re.compile(r"loss|err|nll|ppl|perplexity|time|latency", re.IGNORECASE)
+# Logged beside the scores but not scores: sample counts (``n``, ``n_train``, ``n_boxes``…) and values an evaluator
+# chose (the linear probe's ``C``). Reported as they are, never ranked or drawn on the scores' axes.
+_NOT_SCORE = re.compile(r"^(n|n_\w+|C)$")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -198,6 +200,11 @@ def higher_is_better(metric: str) -> bool:
     return not _LOWER_IS_BETTER.search(metric.rsplit("/", 1)[-1])
 
 
+def is_score(metric: str) -> bool:
+    """Whether eval metric ``metric`` is a score to rank and plot (False for counts such as ``zeroshot/n``)."""
+    return not _NOT_SCORE.match(metric.rsplit("/", 1)[-1])
+
+
 # ----------------------------------------------------------------------------- summary
 
 
@@ -286,7 +293,7 @@ def _eval_stats(evals: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
             entry = stats.setdefault(key, _new_eval_entry(key))
             # Records are sorted by step, so the last one seen is the latest.
             entry["final"], entry["final_step"] = value, step
-            if math.isfinite(value) and _improves(value, entry["best"], entry["higher_is_better"]):
+            if entry["score"] and math.isfinite(value) and _improves(value, entry["best"], entry["higher_is_better"]):
                 entry["best"], entry["best_step"] = value, step
     return dict(sorted(stats.items()))
 
@@ -298,6 +305,7 @@ def _new_eval_entry(metric: str) -> dict[str, Any]:
         "best": None,
         "best_step": None,
         "higher_is_better": higher_is_better(metric),
+        "score": is_score(metric),  # False: a count or a chosen value, shown but never ranked
     }
 
 
@@ -431,7 +439,7 @@ def _plot_data_wait(train: Sequence[Mapping[str, Any]], path: Path) -> Path | No
 
 
 def _plot_eval(evals: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
-    metrics = _eval_stats(evals)
+    metrics = {m: e for m, e in _eval_stats(evals).items() if e["score"]}  # counts would flatten the scores' axis
     groups = [[m for m, e in metrics.items() if e["higher_is_better"] is up] for up in (True, False)]
     panels = [(title, g) for title, g in zip(("higher is better", "lower is better"), groups, strict=True) if g]
     if not panels:
@@ -562,13 +570,13 @@ def _eval_md(metrics: Mapping[str, Mapping[str, Any]]) -> str:
         return ""
     rows = [
         (
-            f"{fmt(name)} {'↑' if e['higher_is_better'] else '↓'}",
+            f"{fmt(name)} {('↑' if e['higher_is_better'] else '↓') if e['score'] else '(count)'}",
             fmt(e["final"]),
             fmt(e["final_step"]),
-            fmt(e["best"]),
-            fmt(e["best_step"]),
+            fmt(e["best"]) if e["score"] else "",
+            fmt(e["best_step"]) if e["score"] else "",
         )
-        for name, e in metrics.items()
+        for name, e in sorted(metrics.items(), key=lambda item: not item[1]["score"])  # scores first, counts after
     ]
     return "## Evaluation\n\n" + _table(("metric", "final", "step", "best", "best step"), rows)
 
@@ -707,27 +715,3 @@ def _atomic_write(path: Path, text: str) -> Path:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point: ``python -m mm_ptft.report RUN_DIR [--title TITLE]``.
-
-    Args:
-        argv: Arguments without the program name; defaults to ``sys.argv[1:]``.
-
-    Returns:
-        Process exit status.
-    """
-    parser = argparse.ArgumentParser(prog="python -m mm_ptft.report", description="Regenerate a run's report.md.")
-    parser.add_argument("run_dir", type=Path, help="run directory containing metrics.jsonl")
-    parser.add_argument("--title", default=None, help="report title (default: the directory name)")
-    args = parser.parse_args(argv)
-    if not args.run_dir.is_dir():
-        parser.error(f"not a directory: {args.run_dir}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(write_report(args.run_dir, title=args.title))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,28 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from helpers import PRE_TINY as TINY
+from helpers import ema_overrides, tiny_overrides
 
-from conftest import tiny_overrides  # noqa: E402
-
-from mm_ptft.config import load_config  # noqa: E402
-from mm_ptft.train.trainer import Trainer  # noqa: E402
-
-TINY = ROOT / "configs" / "pretrain-fmnist-tiny.yaml"
+from mm_ptft.config import load_config
+from mm_ptft.train.trainer import Trainer
 
 
 def run(out: Path, data: str, name: str, *overrides: str, local_rank: int | None = None) -> dict:
     cfg = load_config(TINY, [*tiny_overrides(data, out, name), "train.report=false", *overrides])
     result = Trainer(cfg, local_rank=local_rank).train()
     return result
-
-
-def ema_overrides(stage: int) -> list[str]:
-    return ["train.ema_decay=0.9"] if stage == 2 else []
 
 
 def phase1(out: Path, data: str, bad_data: str, local_rank):

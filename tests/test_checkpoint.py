@@ -91,9 +91,15 @@ def test_deepspeed_reader_refuses_payload(tmp_path):
 
     path = tmp_path / "mp_rank_00_model_states.pt"
     torch.save({"module": {"w": torch.zeros(1)}, "evil": Payload()}, path)
+    original = torch.load
     with pytest.raises(UnsafeCheckpointError, match="refusing to unpickle"), safe_torch_load():
+        assert torch.load is not original  # DeepSpeed's own torch.load calls go through the weights-only reader
         torch.load(path)
-    assert torch.load is not None and not os.path.exists("/tmp/mm_ptft_pwned")
+    assert torch.load is original  # restored after the block, even though it raised
+    assert not os.path.exists("/tmp/mm_ptft_pwned")
+    torch.save({"module": {"w": torch.ones(2)}}, path)  # a plain state still loads inside the block
+    with safe_torch_load():
+        assert torch.equal(torch.load(path)["module"]["w"], torch.ones(2))
 
 
 def test_weights_round_trip_and_mismatch_message(tmp_path):

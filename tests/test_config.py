@@ -55,8 +55,11 @@ def test_literal_and_bool_checks():
 
 
 def test_cross_field_validation():
-    with pytest.raises(ConfigError, match="model.text needs either"):
-        load_config(None, [])
+    from mm_ptft.tasks import configure_task
+
+    with pytest.raises(ConfigError, match="model.text needs either"):  # the contrastive task's own check
+        configure_task(load_config(None, []))
+    configure_task(load_config(None, ["task=detection", "deepspeed.precision=fp32"]))  # no text tower to describe
     with pytest.raises(ConfigError, match="data.image.mean needs 1 values"):
         load_config(
             None, ["model.text.config={model_type: bert}", "model.image.in_chans=1", "data.image.mean=[0.1,0.2,0.3]"]
@@ -105,11 +108,36 @@ def test_parse_override_values():
         parse_override("novalue")
 
 
+def test_templates_with_braces_in_a_flow_list_are_read_as_strings():
+    """YAML reads `{}` inside an unquoted flow list as a mapping (or fails); an override of templates means text."""
+    _, value = parse_override("eval.templates=[a photo of a {}., a {} in the dark]")
+    assert value == ["a photo of a {}.", "a {} in the dark"]
+    _, value = parse_override("eval.templates=['a photo of a {}, seen from afar', \"a {}\"]")  # quoted: YAML's own
+    assert value == ["a photo of a {}, seen from afar", "a {}"]
+    cfg = load_config(None, ["model.text.config={model_type: bert}", "eval.templates=[a photo of a {}.]"])
+    assert cfg.eval.templates == ["a photo of a {}."]
+
+
+def test_a_run_config_holds_the_sections_its_task_reads(tiny_config_path):
+    from mm_ptft.tasks import configure_task
+
+    pretrain = config_to_dict(configure_task(load_config(tiny_config_path)))
+    assert "loss" in pretrain and "finetune" not in pretrain and "detection" not in pretrain
+    finetune_tiny = tiny_config_path.parent / "finetune" / "fmnist-full-tiny.yaml"
+    finetune = config_to_dict(configure_task(load_config(finetune_tiny)))  # its base (a pretraining recipe) has loss
+    assert "finetune" in finetune and "loss" not in finetune and "detection" not in finetune
+    assert finetune["finetune"]["head_init"] == "zeroshot"
+    detection = config_to_dict(configure_task(load_config(None, ["task=detection", "deepspeed.precision=fp32"])))
+    assert detection["detection"]["head"] == "faster_rcnn" and "loss" not in detection and "finetune" not in detection
+
+
 def test_every_shipped_config_loads():
     """Every recipe under configs/ resolves its `base:` chain and passes the typed schema (no stale keys)."""
+    from mm_ptft.tasks import configure_task
+
     root = Path(__file__).resolve().parents[1] / "configs"
     paths = sorted(root.rglob("*.yaml"))
     assert len(paths) >= 20
     for path in paths:
-        cfg = load_config(path)
+        cfg = configure_task(load_config(path))  # each task's own section checks too
         assert cfg.task in ("contrastive", "classification", "text-classification", "detection"), path

@@ -121,6 +121,7 @@ def test_summarize_eval_final_and_best(full_run: Path) -> None:
         "best": 0.31,
         "best_step": 150,
         "higher_is_better": True,
+        "score": True,
     }
     assert ev["zeroshot/acc5"]["best"] == 0.65 and ev["zeroshot/acc5"]["best_step"] == 300
     assert ev["val/loss"]["higher_is_better"] is False
@@ -259,15 +260,43 @@ def test_garbage_lines_and_unknown_kinds(tmp_path: Path) -> None:
     report.write_report(run)
 
 
-def test_main_regenerates(full_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert report.main([str(full_run), "--title", "cli"]) == 0
+def test_cli_regenerates(full_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mm_ptft.cli import main
+
+    assert main(["report", str(full_run), "--title", "cli"]) == 0
     assert capsys.readouterr().out.strip() == str(full_run / "report.md")
     assert (full_run / "report.md").read_text().startswith("# cli\n")
 
 
-def test_main_rejects_missing_dir(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit):
-        report.main([str(tmp_path / "missing")])
+def test_cli_rejects_missing_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mm_ptft.cli import main
+
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: report: not a directory: {tmp_path / 'missing'}"
+
+
+def test_counts_are_reported_but_never_ranked_or_drawn_with_the_scores(tmp_path: Path, monkeypatch) -> None:
+    """`zeroshot/n` (10,000 held-out images) on the accuracies' axes would flatten them onto zero."""
+    evals = [
+        {"kind": "eval", "step": s, "time": T0 + s, "zeroshot/acc1": a, "zeroshot/n": 10000.0, "linear_probe/C": c}
+        for s, a, c in ((10, 0.5, 100.0), (20, 0.7, 1.0))
+    ]
+    run = _write_run(tmp_path / "run", [_train_record(s) for s in (10, 20)] + evals)
+    drawn, save = {}, report._save
+
+    def keep(fig, path):
+        drawn[path.name] = [(line.get_label(), ax.get_ylim()) for ax in fig.axes for line in ax.get_lines()]
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    report.write_report(run)
+    assert [label for label, _ in drawn["eval.png"]] == ["zeroshot/acc1"]
+    assert drawn["eval.png"][0][1][1] < 1.0  # the accuracy curve spans its own axis
+    ev = report.summarize(report.load_metrics(run))["eval"]
+    assert ev["zeroshot/n"]["score"] is False and ev["zeroshot/n"]["best"] is None
+    assert ev["zeroshot/acc1"]["best"] == 0.7
+    table = (run / "report.md").read_text()
+    assert "| zeroshot/n (count) | 10,000.0 | 20 |  |  |" in table
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,4 @@
-"""``mm-ptft diff``: what fine-tuning changed in a tower.
-
-    mm-ptft diff runs/pretrain-fmnist runs/finetune-fmnist --probe data/fmnist [--tower image|text]
-                 [--split test] [--max-samples 500] [--out DIR] [-c CONFIG] [overrides…]
+"""What fine-tuning changed in a tower (``mm-ptft diff``).
 
 A and B are weights (run dir, checkpoint dir of any ZeRO stage, or .safetensors) that both hold the tower's
 ``image.*`` (or ``text.*``) weights: a pretraining dual encoder and a classifier fine-tuned from it, say. The tower
@@ -15,16 +12,15 @@ is built from A's saved config (or ``--config``). Reports, as ``diff.json`` and 
 
 from __future__ import annotations
 
-import argparse
-import json
+import copy
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from mm_ptft import checkpoint as ckpt
 from mm_ptft.analysis.cka import linear_cka
 from mm_ptft.analysis.drift import group_label, relative_change
-from mm_ptft.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+from mm_ptft.config import Config, ConfigError
 
 
 def build_tower(cfg: Config, kind: str) -> torch.nn.Module:
@@ -62,31 +58,29 @@ def layer_names(tower: torch.nn.Module, kind: str, count: int) -> list[str]:
 
 
 def probe_batches(cfg: Config, kind: str, probe: str, split: str, max_samples: int, batch_size: int = 100):
-    """Decoded probe batches (the evaluation transform / tokenizer of the tower's config), one process."""
-    from mm_ptft.data import Collator, EvalStream, SampleDecoder, create_transform, make_loader, resolve_shards
-    from mm_ptft.models import create_tokenizer, tokenize
-    from mm_ptft.train.trainer import image_norm_stats
+    """Decoded probe batches (the evaluation transform / tokenizer of the tower's config), one process, through the
+    same preparation as every evaluation (:func:`mm_ptft.eval.plan_eval`)."""
+    from mm_ptft.data import ImageTextSamples
+    from mm_ptft.eval import plan_eval
+    from mm_ptft.models import Tokenize
 
-    shards = resolve_shards(probe, split)
-    if kind == "image":
-        mean, std = image_norm_stats(cfg)
-        image = cfg.model.image
-        transform = create_transform(cfg.data.image, image.image_size, image.in_chans, mean, std, train=False)
-        decode = SampleDecoder(transform, cfg.data.image_keys, need_caption=False)
-        collate = Collator(None)
-    else:
-        tokenizer = create_tokenizer(cfg.model.text)
-        decode = SampleDecoder(None, cfg.data.image_keys, cfg.data.caption_key, need_image=False)
-        collate = Collator(lambda texts: tokenize(tokenizer, texts, cfg.model.text.context_length))
-    stream = EvalStream(shards, decode, collate, batch_size, 0, 1, 1, max_samples)
-    return make_loader(stream, 0, 2)
+    probe_cfg = copy.deepcopy(cfg)
+    probe_cfg.eval = dataclasses.replace(
+        cfg.eval, data=probe, split=split, max_samples=max_samples, batch_size=batch_size, evaluators=[], settings={}
+    )
+    probe_cfg.data.workers = 0
+    samples = ImageTextSamples(need_image=kind == "image", need_caption=kind == "text")
+    tokenize = Tokenize.create(cfg.model.text) if kind == "text" else None
+    ctx = plan_eval(probe_cfg).context(None, tokenize=tokenize, samples=samples)
+    for batch, _ in ctx.iterate():
+        yield batch
 
 
 def diff_towers(
     a: str, b: str, probe: str, cfg: Config, kind: str = "image", split: str = "test", max_samples: int = 500
 ) -> dict:
     """Weight change per layer group and CKA per layer between the ``kind`` towers of weights ``a`` and ``b``."""
-    from mm_ptft.finetune.model import load_tower
+    from mm_ptft.finetune.init import load_tower
 
     towers = []
     for source in (a, b):
@@ -149,36 +143,3 @@ def plot_diff(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mm-ptft diff", description=__doc__.split("\n")[0])
-    p.add_argument("a", help="reference weights (e.g. the pretraining run)")
-    p.add_argument("b", help="weights to compare (e.g. a fine-tuned run)")
-    p.add_argument("--probe", required=True, help="probe data: a dataset dir or shard pattern")
-    p.add_argument("--tower", choices=["image", "text"], default="image")
-    p.add_argument("--split", default="test", help="split of a dataset dir to probe with")
-    p.add_argument("--max-samples", type=int, default=500, help="probe samples (CKA costs O(n²) memory)")
-    p.add_argument("--out", help="output directory (default: <b>/diff if b is a directory, else ./diff)")
-    p.add_argument("--config", "-c", help="config for the tower (default: the one saved with A, else B)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides of that config")
-    args = p.parse_intermixed_args(argv)  # overrides may follow the options
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    if args.config:
-        cfg = load_config(args.config, args.overrides)
-    else:
-        data = ckpt.config_of(args.a) or ckpt.config_of(args.b)
-        if data is None:
-            raise ConfigError(f"config: no config.yaml beside {args.a} or {args.b}; pass --config")
-        cfg = config_from_dict(apply_overrides(data, args.overrides))
-    result = diff_towers(args.a, args.b, args.probe, cfg, args.tower, args.split, args.max_samples)
-    out = Path(args.out) if args.out else (Path(args.b) / "diff" if Path(args.b).is_dir() else Path("diff"))
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(out / "diff.json", json.dumps(result, indent=1) + "\n")
-    plot_diff(result, out / "diff.png")
-    for r in result["weight_change"]:
-        print(f"{r['group']:>12}  relative change {r['relative_change']:.4f}")
-    for c in result["cka"]:
-        print(f"{c['layer']:>12}  CKA {c['cka']:.4f}")
-    print(f"wrote {out / 'diff.json'} and {out / 'diff.png'}")
-    return 0

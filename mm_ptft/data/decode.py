@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mm_ptft.config import Config
+
 # reasons a sample is skipped; these names appear in metrics (bad/<reason>) and warnings
 BAD_REASONS = (
     "missing_image",
@@ -48,15 +50,18 @@ class BadSampleLog:
 
 def decode_sample(
     raw: dict,
-    transform: Callable[[Image.Image], torch.Tensor] | None,
+    transform: Callable[..., torch.Tensor] | None,
     image_keys: list[str],
     caption_key: str,
     max_caption_chars: int,
     log: BadSampleLog,
     need_caption: bool = True,
     need_image: bool = True,
+    generator: torch.Generator | None = None,
 ) -> dict | None:
-    """Decode one raw sample into ``{"key", "label", "image"?, "caption"?}``; None (reason logged) if unusable."""
+    """Decode one raw sample into ``{"key", "label", "image"?, "caption"?}``; None (reason logged) if unusable.
+
+    ``transform(image, generator)`` draws its randomness (crops, flips) from ``generator``."""
     key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
     out: dict = {"key": key, "label": -1}
     image_bytes = next((raw[k] for k in image_keys if k in raw), None)
@@ -81,7 +86,8 @@ def decode_sample(
             log("bad_json", url, key)
             return None
     if need_image:
-        out["image"] = decode_image(image_bytes, transform, log, url, key)
+        view = (lambda im: transform(im, generator)) if transform is not None else None
+        out["image"] = decode_image(image_bytes, view, log, url, key)
         if out["image"] is None:
             return None
     return out
@@ -106,18 +112,28 @@ def decode_image(
 
 @dataclass
 class SampleDecoder:
-    """``(raw, log) -> dict | None``: the per-sample step of a data pipeline (picklable for DataLoader workers)."""
+    """``(raw, log, generator) -> dict | None``: the per-sample step of a data pipeline (picklable for DataLoader
+    workers); ``generator`` is the sample's own random stream (None for deterministic evaluation views)."""
 
-    transform: Callable[[Image.Image], torch.Tensor] | None
+    transform: Callable[..., torch.Tensor] | None
     image_keys: list[str]
     caption_key: str = "txt"
     max_caption_chars: int = 4096
     need_caption: bool = True
     need_image: bool = True
 
-    def __call__(self, raw: dict, log: BadSampleLog) -> dict | None:
-        return decode_sample(raw, self.transform, self.image_keys, self.caption_key, self.max_caption_chars, log,
-                             self.need_caption, self.need_image)
+    def __call__(self, raw: dict, log: BadSampleLog, generator: torch.Generator | None = None) -> dict | None:
+        return decode_sample(
+            raw,
+            self.transform,
+            self.image_keys,
+            self.caption_key,
+            self.max_caption_chars,
+            log,
+            self.need_caption,
+            self.need_image,
+            generator,
+        )
 
 
 @dataclass
@@ -138,4 +154,42 @@ class Collator:
                 batch[name] = torch.tensor(values, dtype=torch.long)
             else:
                 batch[name] = values
+        return batch
+
+
+@dataclass
+class ImageTextSamples:
+    """The sample hooks of image-caption data: a decoder (image transformed, caption kept for the tokenizer, label
+    from the json), a collator, and the one-sample dummy batch a rank without data runs (ZeRO-3 evaluation).
+
+    Tasks use it for their defaults; ``mm-ptft diff`` uses it to read probe images or texts without a task.
+    """
+
+    need_image: bool = True
+    need_caption: bool = True
+
+    def decoder(self, cfg: Config, train: bool, mean: list[float], std: list[float]) -> SampleDecoder:
+        from mm_ptft.data.transforms import create_transform
+
+        image = cfg.model.image
+        transform = create_transform(cfg.data.image, image.image_size, image.in_chans, mean, std, train)
+        return SampleDecoder(
+            transform if self.need_image else None,
+            cfg.data.image_keys,
+            cfg.data.caption_key,
+            cfg.data.max_caption_chars,
+            need_caption=self.need_caption,
+            need_image=self.need_image,
+        )
+
+    def collator(self, tokenize: Callable[[list[str]], dict] | None) -> Collator:
+        return Collator(tokenize if self.need_caption else None)
+
+    def dummy_batch(self, cfg: Config, tokenize: Callable[[list[str]], dict] | None) -> dict:
+        batch: dict = {"label": torch.zeros(1, dtype=torch.long), "key": ["<dummy>"]}
+        if self.need_image:
+            size = cfg.model.image.image_size
+            batch["image"] = torch.zeros(1, cfg.model.image.in_chans, size, size)
+        if self.need_caption and tokenize is not None:
+            batch.update(tokenize([""]))
         return batch

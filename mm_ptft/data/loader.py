@@ -79,7 +79,7 @@ class TrainStream(IterableDataset):
         self,
         shards: ShardSet,
         cfg: DataConfig,
-        decode: Callable[[dict, BadSampleLog], dict | None],
+        decode: Callable[[dict, BadSampleLog, torch.Generator], dict | None],
         collate: Callable[[list[dict]], dict],
         seed: int,
         rank: int,
@@ -107,9 +107,11 @@ class TrainStream(IterableDataset):
         consumed = 0
         for raw, (group, offset) in worker_stream(spec, logical, self.position.positions.get(local, (0, 0)), log):
             consumed += 1
-            # augmentation randomness is a function of the sample's stream position: identical after a resume
-            torch.default_generator.manual_seed(_sample_seed(self.seed, logical, group, offset))
-            decoded = self.decode(raw, log)
+            # augmentation randomness is a function of the sample's stream position: identical after a resume, and
+            # drawn from the sample's own generator, so decoding in the training process (workers=0) leaves its RNG
+            # (dropout, drop-path) alone
+            generator = torch.Generator().manual_seed(_sample_seed(self.seed, logical, group, offset))
+            decoded = self.decode(raw, log, generator)
             if decoded is None:
                 continue
             items.append(decoded)

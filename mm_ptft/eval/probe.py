@@ -1,72 +1,55 @@
 """Evaluators of classifiers and of frozen features: ``classification(_hflip)`` and ``linear_probe``.
 
-``classification`` runs a fine-tuned classifier (``mm_ptft.finetune``) on the held-out split: acc1, acc5,
-mean_per_class_recall and the cross-entropy ``loss``; ``classification_hflip`` reports the same with test-time flips
-(class probabilities of each image and its mirror image averaged). ``linear_probe`` fits an L2-regularised
-multinomial logistic regression on frozen features of the ``train`` split (L-BFGS, the objective of sklearn's
+``classification`` runs a classifier task (image or text) on the held-out split: acc1, acc5, mean_per_class_recall
+and the cross-entropy ``loss``; ``classification_hflip`` reports the same with test-time flips (class probabilities
+of each image and its mirror image averaged). ``linear_probe`` fits an L2-regularised multinomial logistic
+regression on frozen features of the train split of ``eval.data`` (L-BFGS, the objective of sklearn's
 ``LogisticRegression``; its ``C`` picked on a held-out fifth of the train features) and reports CLIP_benchmark's
-``lp_acc1``, ``lp_acc5`` and ``lp_mean_per_class_recall`` on the held-out split. It needs the train batches, which
-``mm-ptft eval`` provides through :class:`ProbeContext`.
+``lp_acc1``, ``lp_acc5`` and ``lp_mean_per_class_recall`` on the held-out split. All of them run during training
+(every rank scores its share, the results are gathered) as well as in ``mm-ptft eval``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from mm_ptft.config import ConfigError
 from mm_ptft.data import DataError
+from mm_ptft.data.classes import check_labels
 from mm_ptft.distributed import all_gather_tensor
-from mm_ptft.eval import EVALUATORS, EvalContext
+from mm_ptft.eval.base import Classifier, EvalContext, FeatureExtractor, ImageClassifier, register_evaluator
 from mm_ptft.eval.metrics import classification_metrics
 
 C_GRID = tuple(10.0**e for e in range(-2, 7))  # inverse regularisation strengths tried by the probe (sklearn's C)
 
 
-@dataclasses.dataclass
-class ProbeContext(EvalContext):
-    """An :class:`EvalContext` that can also read the ``train`` split (for the linear probe)."""
-
-    train_batches: Callable[[], Iterable[dict]] | None = None
-
-
-def _check_range(labels: torch.Tensor, num_classes: int, what: str) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
-        raise DataError(f"data: {what} label {bad} is outside the {num_classes} classes (-1: no label in the json)")
-
-
-@EVALUATORS.register("classification")
+@register_evaluator("classification", needs=(Classifier,))
 @torch.no_grad()
 def evaluate_classification(ctx: EvalContext) -> dict[str, float]:
     """A classifier task's held-out acc1, acc5, mean_per_class_recall and cross-entropy loss."""
     return _evaluate_classifier(ctx, lambda task, batch: task.logits(batch).float())
 
 
-@EVALUATORS.register("classification_hflip")
+@register_evaluator("classification_hflip", needs=(ImageClassifier,))
 @torch.no_grad()
 def evaluate_classification_hflip(ctx: EvalContext) -> dict[str, float]:
     """The same metrics with test-time flips: each image's class probabilities averaged with its mirror image's
     (two forward passes). Meaningful where a horizontal flip keeps the label (as ``data.image.hflip`` assumes)."""
-    if not getattr(ctx.task, "needs_image", False):
-        raise ConfigError("eval: classification_hflip needs an image classification task (task: classification)")
 
     def log_probs(task, batch: dict) -> torch.Tensor:
-        mirrored = {**batch, "image": batch["image"].flip(-1)}
-        probs = (task.logits(batch).float().softmax(-1) + task.logits(mirrored).float().softmax(-1)) / 2
-        return probs.log()  # log of the averaged probabilities: ranks as the probabilities, NLL is their loss
+        image = batch["image"]
+        probs = task.image_logits(image).float().softmax(-1) + task.image_logits(image.flip(-1)).float().softmax(-1)
+        return (probs / 2).log()  # log of the averaged probabilities: ranks as the probabilities, NLL is their loss
 
     return _evaluate_classifier(ctx, log_probs)
 
 
-def _evaluate_classifier(ctx: EvalContext, scores: Callable[[torch.nn.Module, dict], torch.Tensor]) -> dict[str, float]:
+def _evaluate_classifier(ctx: EvalContext, scores: Callable[[Classifier, dict], torch.Tensor]) -> dict[str, float]:
     task = ctx.task
-    if not hasattr(task, "logits"):
-        raise ConfigError("eval: the classification evaluators need a classification task (task: classification)")
     logits, labels = [], []
     for batch, real in ctx.iterate():
         out = scores(task, batch).cpu()
@@ -77,7 +60,7 @@ def _evaluate_classifier(ctx: EvalContext, scores: Callable[[torch.nn.Module, di
     labels = all_gather_tensor(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
     if labels.numel() == 0:
         raise DataError("data: the held-out split has no samples")
-    _check_range(labels, task.num_classes, "held-out")
+    check_labels(labels, task.num_classes, "held-out")
     metrics = classification_metrics(logits, labels)
     metrics["loss"] = F.cross_entropy(logits, labels).item()  # = NLL for log-probabilities (they are normalised)
     return {**metrics, "n": float(labels.numel())}
@@ -88,19 +71,19 @@ def _evaluate_classifier(ctx: EvalContext, scores: Callable[[torch.nn.Module, di
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _features_of(task: torch.nn.Module, batch: dict) -> torch.Tensor:
-    if hasattr(task, "features"):  # a fine-tuning task: the head's input
-        return task.features(batch)
-    return task.model.encode_image(batch["image"]).float()  # a dual encoder: the normalised image embedding
+@dataclass
+class LinearProbeSettings:
+    train_split: str = "train"  # split of eval.data whose features the probe is fitted on
+    max_train_samples: int | None = None  # cap on those samples (None: the whole split)
+    max_iter: int = 500  # L-BFGS iterations per fit
 
 
 @torch.no_grad()
 def extract_features(ctx: EvalContext, batches: Callable[[], Iterable[dict]] | None = None):
     """All ranks' (features (N, F) float32, labels (N,)) of ``batches`` (default: the held-out split), gathered."""
-    source = dataclasses.replace(ctx, batches=batches or ctx.batches, _features=None)
     feats, labels, width = [], [], 0
-    for batch, real in source.iterate():
-        out = _features_of(ctx.task, batch).float().cpu()
+    for batch, real in ctx.iterate(batches):
+        out = ctx.task.features(batch).float().cpu()
         width = out.shape[1]
         if real:
             feats.append(out)
@@ -151,33 +134,33 @@ def _split_for_c(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return order[cut:], order[:cut]
 
 
-def select_c(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid: tuple[float, ...] = C_GRID) -> float:
+def select_c(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, grid: tuple[float, ...] = C_GRID, max_iter: int = 500
+) -> float:
     """The ``C`` of ``grid`` with the best accuracy on a held-out fifth of (x, y) (ties → stronger regularisation)."""
     fit, val = _split_for_c(x.shape[0])
     best_c, best_acc = grid[0], -math.inf
     for c in grid:
-        w, b = fit_logistic_regression(x[fit], y[fit], num_classes, c)
+        w, b = fit_logistic_regression(x[fit], y[fit], num_classes, c, max_iter)
         acc = ((x[val].double() @ w + b).argmax(1) == y[val]).double().mean().item()
         if acc > best_acc + 1e-12:
             best_c, best_acc = c, acc
     return best_c
 
 
-@EVALUATORS.register("linear_probe")
+@register_evaluator("linear_probe", needs=(FeatureExtractor,), settings=LinearProbeSettings, train_split=True)
 def evaluate_linear_probe(ctx: EvalContext) -> dict[str, float]:
     """Logistic regression on frozen train-split features, scored on the held-out split (CLIP_benchmark names)."""
-    train_batches = getattr(ctx, "train_batches", None)
-    if train_batches is None:
-        raise ConfigError("eval: linear_probe needs the train split's features; run it with `mm-ptft eval`")
-    x_train, y_train = extract_features(ctx, train_batches)
+    settings: LinearProbeSettings = ctx.setting("linear_probe")
+    x_train, y_train = extract_features(ctx, ctx.train_batches)
     x_test, y_test = extract_features(ctx)
     if x_train.shape[0] < 10 or x_test.shape[0] == 0:
         raise DataError(f"data: linear_probe needs labelled samples ({x_train.shape[0]} train, {x_test.shape[0]} test)")
     num_classes = len(ctx.classnames) if ctx.classnames else int(torch.cat([y_train, y_test]).max()) + 1
-    _check_range(y_train, num_classes, "train")
-    _check_range(y_test, num_classes, "held-out")
-    c = select_c(x_train, y_train, num_classes)
-    w, b = fit_logistic_regression(x_train, y_train, num_classes, c)
+    check_labels(y_train, num_classes, settings.train_split)
+    check_labels(y_test, num_classes, "held-out")
+    c = select_c(x_train, y_train, num_classes, max_iter=settings.max_iter)
+    w, b = fit_logistic_regression(x_train, y_train, num_classes, c, settings.max_iter)
     metrics = classification_metrics(x_test.double() @ w + b, y_test)
     out = {f"lp_{k}": v for k, v in metrics.items()}
     return {**out, "C": c, "n_train": float(x_train.shape[0]), "n": float(x_test.shape[0])}

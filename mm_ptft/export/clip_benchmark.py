@@ -13,7 +13,6 @@ size or number of channels).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -78,24 +77,3 @@ def register() -> None:
     models.TYPE2FUNC[MODEL_TYPE] = load_mm_ptft
     if MODEL_TYPE not in models.MODEL_TYPES:
         models.MODEL_TYPES.append(MODEL_TYPE)  # the same list object the CLI's --model_type choices read
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run CLIP_benchmark's own command line with the ``mm_ptft`` model type registered."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    register()
-    from clip_benchmark import cli
-
-    if argv[:1] == ["eval"]:
-        # defaults that name open_clip models would otherwise apply: an mm_ptft model type, and a label instead of
-        # CLIP_benchmark's default 'laion400m_e32' (which would end up in the results' names)
-        for flag in ("--model_type", "--pretrained"):
-            if not any(a == flag or a.startswith(f"{flag}=") for a in argv):
-                argv += [flag, MODEL_TYPE]
-    saved = sys.argv
-    sys.argv = ["clip_benchmark", *argv]  # its parser reads sys.argv
-    try:
-        cli.main()
-    finally:
-        sys.argv = saved
-    return 0

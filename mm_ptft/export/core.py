@@ -1,7 +1,4 @@
-"""``mm-ptft export``: write a trained model in the formats other libraries load, checked against the model.
-
-    mm-ptft export SOURCE --out DIR [--to timm transformers open_clip onnx | all] [--config X] [--overwrite]
-                   [--no-verify] [--opset N] [overrides…]
+"""Write a trained model in the formats other libraries load, checked against the model (``mm-ptft export``).
 
 Every target goes to ``DIR/<target>/``; ``DIR/export.json`` lists what was written, the largest difference between
 each reloaded export and the mm-ptft model on a fixed input, and why a target was skipped (``--to all`` skips what
@@ -12,50 +9,18 @@ so a failed or interrupted export leaves no DIR behind (and an existing DIR unto
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
+from mm_ptft.export import to_onnx, to_open_clip, to_timm, to_transformers  # noqa: F401 - register the targets
 from mm_ptft.export.source import ExportError, ExportSource, load_source
-from mm_ptft.registry import Registry
+from mm_ptft.export.target import TARGETS
 
 PARTIAL_PREFIX = ".partial-"
 MANIFEST = "export.json"
-
-# name → fn(source, work_dir, final_dir, verify, opset) -> info dict
-TARGETS: Registry[Callable[..., dict]] = Registry("export target")
-
-
-@TARGETS.register("timm")
-def _timm(src: ExportSource, work: Path, final: Path, verify: bool, opset: int | None) -> dict:
-    from mm_ptft.export.to_timm import export_timm
-
-    return export_timm(src, work, verify)
-
-
-@TARGETS.register("transformers")
-def _transformers(src: ExportSource, work: Path, final: Path, verify: bool, opset: int | None) -> dict:
-    from mm_ptft.export.to_transformers import export_transformers
-
-    return export_transformers(src, work, verify)
-
-
-@TARGETS.register("open_clip")
-def _open_clip(src: ExportSource, work: Path, final: Path, verify: bool, opset: int | None) -> dict:
-    from mm_ptft.export.to_open_clip import export_open_clip
-
-    return export_open_clip(src, work, final, verify)
-
-
-@TARGETS.register("onnx")
-def _onnx(src: ExportSource, work: Path, final: Path, verify: bool, opset: int | None) -> dict:
-    from mm_ptft.export.to_onnx import export_onnx
-
-    return export_onnx(src, work, verify, opset)
 
 
 def check_targets(targets: list[str]) -> list[str]:
@@ -70,19 +35,14 @@ def check_targets(targets: list[str]) -> list[str]:
 
 
 def _available(src: ExportSource) -> tuple[list[str], dict[str, str]]:
-    """Targets this checkpoint can give, and a reason for each one it cannot."""
-    from mm_ptft.export.to_open_clip import unsupported_reasons
-
+    """Targets this checkpoint can give, and a reason for each one it cannot (each target says)."""
     chosen, skipped = [], {}
     for name in TARGETS.list():
-        if name in ("timm", "onnx") and not src.has_image:
-            skipped[name] = "the checkpoint holds no image tower"
-        elif name == "transformers" and not src.has_text:
-            skipped[name] = "the checkpoint holds no text tower"
-        elif name == "open_clip" and unsupported_reasons(src):
-            skipped[name] = "; ".join(unsupported_reasons(src))
-        else:
+        reason = TARGETS.get(name).unavailable(src)
+        if reason is None:
             chosen.append(name)
+        else:
+            skipped[name] = reason
     return chosen, skipped
 
 
@@ -148,7 +108,7 @@ def export_model(
     try:
         written = {}
         for name in targets:
-            written[name] = TARGETS.get(name)(src, work / name, out / name, verify, opset)
+            written[name] = TARGETS.get(name).export(src, work / name, out / name, verify, opset)
         manifest = {
             "source": str(src.path),
             "task": src.cfg.task,
@@ -164,7 +124,8 @@ def export_model(
     return manifest
 
 
-def _summary(manifest: dict, out: Path) -> str:
+def summary_text(manifest: dict, out: Path) -> str:
+    """One line per target: where it was written and the differences checked, or why it was skipped."""
     lines = []
     for name, info in manifest["targets"].items():
         diffs = {k: v for k, v in info.items() if k.startswith("max_abs_diff")}
@@ -175,25 +136,3 @@ def _summary(manifest: dict, out: Path) -> str:
         lines.append(f"{name}: {out / name}{checked}")
     lines += [f"{name}: skipped ({reason})" for name, reason in manifest["skipped"].items()]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``mm-ptft export`` command line."""
-    from mm_ptft.config import load_config
-
-    p = argparse.ArgumentParser(prog="mm-ptft export", description=__doc__.split("\n")[0])
-    p.add_argument("source", help="run dir, checkpoint dir (any ZeRO stage), or .safetensors with config.yaml beside")
-    p.add_argument("--out", "-o", required=True, help="export directory (one subdirectory per target)")
-    p.add_argument("--to", nargs="+", default=["all"], metavar="TARGET", help="timm transformers open_clip onnx | all")
-    p.add_argument("--config", "-c", help="config to use instead of the one saved with the model")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip reloading and comparing outputs")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides")
-    args = p.parse_intermixed_args(argv)  # overrides may follow the options
-    check_targets(args.to)  # an unknown target fails before any weights are read
-    cfg = load_config(args.config, args.overrides) if args.config else None
-    out = Path(args.out).expanduser().absolute()
-    manifest = export_model(args.source, out, args.to, cfg, args.overrides, args.overwrite, args.verify, args.opset)
-    print(_summary(manifest, out))
-    return 0

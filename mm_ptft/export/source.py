@@ -150,7 +150,7 @@ class ExportSource:
     @functools.cached_property
     def norm_stats(self) -> tuple[list[float], list[float]]:
         """Image normalisation (mean, std) the model was trained with."""
-        from mm_ptft.train.trainer import image_norm_stats
+        from mm_ptft.data.stats import image_norm_stats
 
         return image_norm_stats(self.cfg)
 

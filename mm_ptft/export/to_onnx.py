@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm_ptft.export.source import ExportError, ExportSource, check_close
+from mm_ptft.export.target import ExportTarget, register_target
 
 CHECK_BATCHES = (1, 7)  # a batch of one is the classic place where an exporter bakes in a shape
 
@@ -97,4 +98,17 @@ def verify_onnx(src: ExportSource, path: Path, batches: tuple[int, ...] = CHECK_
     return diffs
 
 
-__all__ = ["ExportError", "export_onnx", "verify_onnx"]
+@register_target
+class OnnxTarget(ExportTarget):
+    """The image tower (features and embedding) as ONNX with a dynamic batch."""
+
+    name = "onnx"
+
+    def unavailable(self, src: ExportSource) -> str | None:
+        return None if src.has_image else "the checkpoint holds no image tower"
+
+    def export(self, src: ExportSource, work: Path, final: Path, verify: bool, opset: int | None) -> dict:
+        return export_onnx(src, work, verify, opset)
+
+
+__all__ = ["ExportError", "OnnxTarget", "export_onnx", "verify_onnx"]

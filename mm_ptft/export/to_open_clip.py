@@ -8,8 +8,12 @@ its own pooling and projection head; and the text tower as ``HFTextEncoder``: ``
 hf_model_name)`` with a pooler and a projection of its own. Only mm-ptft models whose towers those two wrappers
 rebuild exactly can be exported; :func:`unsupported_reasons` says why another cannot, and the export is then refused.
 
-``hf_model_name`` must name a local directory for open_clip to work offline; it is the absolute path of the exported
-directory (moving the directory means editing that one field, or re-exporting).
+``hf_model_name`` must name a local directory for open_clip to work offline, and open_clip resolves it against the
+working directory, not against the export: it is written as the absolute path where the export was published.
+Moving or copying the directory therefore needs that path re-pointed — :func:`relocate` does it (rewrites
+``text_cfg.hf_model_name`` / ``hf_tokenizer_name`` to the directory's current absolute path), or pass
+``text_cfg=`` to open_clip as :func:`load_exported` does. Everything else (weights, tokenizer, HF config) is found
+inside the directory. tests/export/test_export.py moves an export and checks both ways.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from mm_ptft.checkpoint import save_weights
 from mm_ptft.export.source import EXAMPLE_TEXTS, ExportError, ExportSource, check_close
+from mm_ptft.export.target import ExportTarget, register_target
 from mm_ptft.export.to_timm import DROP_KWARGS, takes_img_size
 from mm_ptft.export.to_transformers import quiet_transformers
 
@@ -198,15 +203,33 @@ def export_open_clip(src: ExportSource, out: Path, final_dir: Path, verify: bool
     return info
 
 
+def relocate(directory: str | Path) -> Path:
+    """Point a moved or copied open_clip export's text paths at where it now is; returns the config file.
+
+    Raises:
+        ExportError: ``directory`` holds no ``open_clip_config.json``.
+    """
+    directory = Path(directory).expanduser().absolute()
+    path = directory / "open_clip_config.json"
+    if not path.is_file():
+        raise ExportError(f"export: {directory} is not an open_clip export (no open_clip_config.json)")
+    config = json.loads(path.read_text())
+    text_cfg = config["model_cfg"]["text_cfg"]
+    text_cfg["hf_model_name"] = text_cfg["hf_tokenizer_name"] = str(directory)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def load_exported(directory: Path, hf_dir: Path | None = None):
-    """(model, val preprocess, tokenizer) through open_clip; ``hf_dir`` replaces the recorded text path (a
-    directory not yet at its final place)."""
+    """(model, val preprocess, tokenizer) through open_clip, wherever the directory now is: the text tower is read
+    from ``hf_dir`` (default: ``directory`` itself), not from the path recorded at export time."""
     import open_clip
 
-    kwargs = {}
-    if hf_dir is not None:
-        text_cfg = json.loads((directory / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
-        kwargs["text_cfg"] = dict(text_cfg, hf_model_name=str(hf_dir), hf_tokenizer_name=str(hf_dir))
+    hf_dir = Path(hf_dir if hf_dir is not None else directory).absolute()
+    text_cfg = json.loads((directory / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+    kwargs = {"text_cfg": dict(text_cfg, hf_model_name=str(hf_dir), hf_tokenizer_name=str(hf_dir))}
     with quiet_transformers():
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{directory}", **kwargs)
         tokenizer = open_clip.get_tokenizer(f"local-dir:{directory}")
@@ -237,3 +260,17 @@ def _verify(src: ExportSource, out: Path) -> dict:
                 "open_clip encode_text", model.encode_text(**ours), oc_model.encode_text(ids, normalize=True)
             ),
         }
+
+
+@register_target
+class OpenClipTarget(ExportTarget):
+    """The whole dual encoder as an open_clip ``local-dir:`` directory."""
+
+    name = "open_clip"
+
+    def unavailable(self, src: ExportSource) -> str | None:
+        reasons = unsupported_reasons(src)
+        return "; ".join(reasons) if reasons else None
+
+    def export(self, src: ExportSource, work: Path, final: Path, verify: bool, opset: int | None) -> dict:
+        return export_open_clip(src, work, final, verify)

@@ -21,6 +21,7 @@ import torch
 
 from mm_ptft.checkpoint import save_weights
 from mm_ptft.export.source import ExportError, ExportSource, check_close
+from mm_ptft.export.target import ExportTarget, register_target
 
 # training-time regularisers: timm's exported model_args leave them out too, a fine-tuner sets its own
 DROP_KWARGS = (
@@ -131,3 +132,16 @@ def export_timm(src: ExportSource, out: Path, verify: bool = True) -> dict:
         with torch.no_grad():
             info["max_abs_diff"] = check_close("timm features", tower.forward_pooled(x), model(x))
     return info
+
+
+@register_target
+class TimmTarget(ExportTarget):
+    """The image tower's trunk as a timm checkpoint directory."""
+
+    name = "timm"
+
+    def unavailable(self, src: ExportSource) -> str | None:
+        return None if src.has_image else "the checkpoint holds no image tower"
+
+    def export(self, src: ExportSource, work: Path, final: Path, verify: bool, opset: int | None) -> dict:
+        return export_timm(src, work, verify)

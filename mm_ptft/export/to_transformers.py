@@ -16,6 +16,7 @@ import torch
 
 from mm_ptft.checkpoint import save_weights
 from mm_ptft.export.source import EXAMPLE_TEXTS, ExportError, ExportSource, check_close
+from mm_ptft.export.target import ExportTarget, register_target
 
 
 @contextlib.contextmanager
@@ -96,3 +97,16 @@ def _verify(src: ExportSource, out: Path) -> dict:
         states = model(**theirs).last_hidden_state
         pooled = tower.pool(states, theirs["attention_mask"])
         return {"max_abs_diff": check_close("transformers text features", tower.forward_pooled(**ours), pooled)}
+
+
+@register_target
+class TransformersTarget(ExportTarget):
+    """The text tower as a transformers ``save_pretrained`` directory (+ tokenizer and projection)."""
+
+    name = "transformers"
+
+    def unavailable(self, src: ExportSource) -> str | None:
+        return None if src.has_text else "the checkpoint holds no text tower"
+
+    def export(self, src: ExportSource, work: Path, final: Path, verify: bool, opset: int | None) -> dict:
+        return export_transformers(src, work, verify)

@@ -1,3 +1,9 @@
-"""Per-tower fine-tuning under the one Trainer: image / text classification tasks, freeze policies, heads, WiSE-FT,
-and the transfer study. The tasks register in ``mm_ptft.tasks.TASKS`` (``classification``, ``text-classification``)
-when :mod:`mm_ptft.finetune.tasks` is imported, which :mod:`mm_ptft.tasks` does."""
+"""What is about fine-tuning only: the policies that decide which part of a pretrained tower trains
+(:mod:`.policy`) and where a fine-tuned model starts — a tower from a pretraining checkpoint, a head from the
+zero-shot classifier (:mod:`.init`). The tasks that fine-tune live in :mod:`mm_ptft.tasks`, their models in
+:mod:`mm_ptft.models`, WiSE-FT and ``mm-ptft diff`` in :mod:`mm_ptft.analysis`."""
+
+from mm_ptft.finetune.init import head_input_of, load_tower, tower_state, zeroshot_head
+from mm_ptft.finetune.policy import POLICIES, apply_policy
+
+__all__ = ["POLICIES", "apply_policy", "head_input_of", "load_tower", "tower_state", "zeroshot_head"]

@@ -2,6 +2,8 @@
 
 Both reuse open_clip's implementations; this module adapts them to mm-ptft's model output dict and registry.
 Rank and world size are given by the caller (the task builder), so the loss never initialises a process group.
+A new loss is one class registered in ``LOSSES``: ``__init__(cfg, rank, world_size)``, ``forward(model output) ->
+{"loss"}``, and a ``check_config(cfg)`` classmethod for what it needs of the rest of the config.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import torch
 from open_clip import loss as open_clip_loss
 from torch import nn
 
-from mm_ptft.config import LossConfig
+from mm_ptft.config import ConfigError, LossConfig
 from mm_ptft.registry import Registry
 
 LOSSES: Registry[nn.Module] = Registry("loss")
@@ -36,6 +38,10 @@ class ClipLoss(nn.Module):
     rows against all columns: the same mean loss and gradient, with a (B_local × B_global) logit matrix.
     """
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Nothing beyond its own section."""
+
     def __init__(self, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.impl = open_clip_loss.ClipLoss(
@@ -55,6 +61,11 @@ class ClipLoss(nn.Module):
 @LOSSES.register("siglip")
 class SigLipLoss(nn.Module):
     """Pairwise sigmoid loss (SigLIP, open_clip's SigLipLoss) with neighbour exchange of text features."""
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.model.logit_bias_init is None:
+            raise ConfigError("config: loss.name=siglip needs model.logit_bias_init (e.g. -10)")
 
     def __init__(self, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__()

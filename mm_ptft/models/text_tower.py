@@ -84,6 +84,22 @@ def tokenize(tokenizer, texts: Sequence[str], context_length: int) -> dict[str, 
     return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
 
+class Tokenize:
+    """``tokenize(texts)`` with a fixed tokenizer and context length: a picklable callable (DataLoader workers get a
+    copy of it, not a bound method of the object that owns it)."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, context_length
+
+    @classmethod
+    def create(cls, cfg: TextTowerConfig) -> Tokenize:
+        """The tower's tokenizer (``model.text.tokenizer`` / ``pretrained``) at ``model.text.context_length``."""
+        return cls(create_tokenizer(cfg), cfg.context_length)
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return tokenize(self.tokenizer, texts, self.context_length)
+
+
 class TextTower(nn.Module):
     """transformers encoder → token states (B, L, width) → pooled (B, width) → projection (B, embed_dim)."""
 

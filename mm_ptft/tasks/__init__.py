@@ -1,9 +1,33 @@
-"""Tasks: model + loss → ``{"loss": …, metrics}``. The DeepSpeed engine wraps a Task; the Trainer never knows
-which loss it trains. New tasks register a builder ``fn(cfg, rank, world_size) -> Task`` in ``TASKS``."""
+"""Tasks: model + loss → ``{"loss": …, metrics}``. The DeepSpeed engine wraps a Task; the Trainer never knows which
+loss it trains. A new task is one class registered with ``@TASKS.register(name)`` (see :class:`Task`); this
+package imports its own: ``contrastive``, ``classification``, ``text-classification``, ``detection``."""
 
-import mm_ptft.finetune.detection.task  # noqa: F401 - registers detection
-import mm_ptft.finetune.tasks  # noqa: F401 - registers classification, text-classification
-from mm_ptft.tasks.base import TASKS, Task, create_task
+from mm_ptft.tasks import classification, contrastive, detection  # noqa: F401 - register the tasks
+from mm_ptft.tasks.base import (
+    OPTIONAL_SECTIONS,
+    TASKS,
+    Task,
+    configure_task,
+    create_task,
+    for_loading,
+    load_trained,
+    task_class,
+)
+from mm_ptft.tasks.classification import ClassificationTask, TextClassificationTask
 from mm_ptft.tasks.contrastive import ContrastiveTask
+from mm_ptft.tasks.detection import DetectionTask
 
-__all__ = ["TASKS", "ContrastiveTask", "Task", "create_task"]
+__all__ = [
+    "OPTIONAL_SECTIONS",
+    "TASKS",
+    "ClassificationTask",
+    "ContrastiveTask",
+    "DetectionTask",
+    "Task",
+    "TextClassificationTask",
+    "configure_task",
+    "create_task",
+    "for_loading",
+    "load_trained",
+    "task_class",
+]

@@ -8,15 +8,31 @@ from torch import nn
 from mm_ptft.config import Config, ConfigError
 from mm_ptft.losses import LOSSES, create_loss
 from mm_ptft.models import create_model
-from mm_ptft.tasks.base import TASKS, Task
+from mm_ptft.tasks.base import TASKS, Task, check_text_tower
 
 
+@TASKS.register("contrastive")
 class ContrastiveTask(Task):
+    """The dual encoder trained with ``loss.name``; evaluators see it as an image-text encoder (zero-shot,
+    retrieval) and as a feature extractor (linear probe of the normalised image embedding)."""
+
     needs_caption = True
+    sections = ("loss",)
 
     def __init__(self, model: nn.Module, loss: nn.Module):
         super().__init__(model)
         self.loss = loss
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.loss.name not in LOSSES:
+            raise ConfigError(f"config: unknown loss.name '{cfg.loss.name}'; registered: {', '.join(LOSSES.list())}")
+        LOSSES.get(cfg.loss.name).check_config(cfg)
+        check_text_tower(cfg)
+
+    @classmethod
+    def from_config(cls, cfg: Config, rank: int = 0, world_size: int = 1) -> ContrastiveTask:
+        return cls(create_model(cfg.model), create_loss(cfg.loss, rank=rank, world_size=world_size))
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         out = self.model(image=batch["image"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -25,11 +41,13 @@ class ContrastiveTask(Task):
             metrics["logit_bias"] = out["logit_bias"].detach()
         return metrics
 
+    def encode_image(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.model.encode_image(image, normalize=normalize)
 
-@TASKS.register("contrastive")
-def build_contrastive(cfg: Config, rank: int = 0, world_size: int = 1) -> ContrastiveTask:
-    if cfg.loss.name not in LOSSES:
-        raise ConfigError(f"config: unknown loss.name '{cfg.loss.name}'; registered: {', '.join(LOSSES.list())}")
-    if cfg.loss.name == "siglip" and cfg.model.logit_bias_init is None:
-        raise ConfigError("config: loss.name=siglip needs model.logit_bias_init (e.g. -10)")
-    return ContrastiveTask(create_model(cfg.model), create_loss(cfg.loss, rank=rank, world_size=world_size))
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
+    ) -> torch.Tensor:
+        return self.model.encode_text(input_ids, attention_mask, normalize=normalize)
+
+    def features(self, batch: dict) -> torch.Tensor:
+        return self.encode_image(batch["image"]).float()

@@ -20,7 +20,8 @@ import torch
 from mm_ptft import checkpoint as ckpt
 from mm_ptft import faults
 from mm_ptft.config import Config, ConfigError, config_to_dict, save_config
-from mm_ptft.data import DataError, DataPosition, EvalStream, TrainStream, make_loader, resolve_shards
+from mm_ptft.data import DataError, DataPosition, TrainStream, make_loader, resolve_shards
+from mm_ptft.data.stats import image_norm_stats
 from mm_ptft.distributed import (
     all_reduce_max,
     all_reduce_sum,
@@ -29,28 +30,13 @@ from mm_ptft.distributed import (
     init_distributed,
     is_main_process,
 )
-from mm_ptft.eval import EvalContext, check_classnames, read_lines_or_list, run_evaluators
-from mm_ptft.tasks import create_task
+from mm_ptft.eval import plan_eval, run_evaluators
+from mm_ptft.tasks import configure_task, create_task
 from mm_ptft.train.ema import WeightEMA
 from mm_ptft.train.logger import MetricsLogger
 from mm_ptft.train.optim import create_optimizer, create_scheduler
 
 MIN_SAMPLES_FOR_BAD_CHECK = 512  # don't judge the bad-sample fraction on a handful of samples
-
-
-def image_norm_stats(cfg: Config) -> tuple[list[float], list[float]]:
-    """Normalisation mean/std: the config's, else the timm model's pretrained_cfg (averaged for 1 channel)."""
-    import timm
-
-    mean, std = cfg.data.image.mean, cfg.data.image.std
-    if mean is None or std is None:
-        pcfg = timm.models.get_pretrained_cfg(cfg.model.image.name)
-        pmean = list(getattr(pcfg, "mean", None) or (0.485, 0.456, 0.406))
-        pstd = list(getattr(pcfg, "std", None) or (0.229, 0.224, 0.225))
-        if cfg.model.image.in_chans == 1:
-            pmean, pstd = [sum(pmean) / len(pmean)], [sum(pstd) / len(pstd)]
-        mean, std = mean or pmean, std or pstd
-    return list(mean), list(std)
 
 
 def _check_writable(directory: Path) -> None:
@@ -87,7 +73,7 @@ class Trainer:
         self.model = self.task.model
         if cfg.deepspeed.activation_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.tokenizer = self._create_tokenizer()
+        self.tokenize = self._create_tokenize()
         self.mean, self.std = image_norm_stats(cfg)
 
         self.global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum_steps * self.world
@@ -116,11 +102,11 @@ class Trainer:
 
     def _preflight(self) -> None:
         """Every check that needs no process group: fail here in one line, before ranks connect."""
-        cfg = self.cfg
+        cfg = configure_task(self.cfg)  # the task's sections, checked; the others left out of the saved config
         if cfg.data.train is None:
             raise ConfigError("config: data.train is required (a shard pattern or a data_tools dataset dir)")
         self.train_shards = resolve_shards(cfg.data.train, cfg.data.train_split)
-        self.eval_shards = resolve_shards(cfg.eval.data, cfg.eval.split) if cfg.eval.data else None
+        self.eval_plan = plan_eval(cfg) if cfg.eval.data else None  # shards, evaluators, class names, templates
         _check_writable(Path(cfg.train.output_dir))
         self.resume_dir = None
         if cfg.train.resume:
@@ -130,27 +116,14 @@ class Trainer:
                     raise ckpt.CheckpointError(f"checkpoint: nothing to resume in {self.ckpt_dir}")
             else:
                 ckpt.check_architecture(self.resume_dir, config_to_dict(cfg)["model"])
-        self.classnames, self.templates = self._classnames_templates()
 
-    def _classnames_templates(self) -> tuple[list[str] | None, list[str] | None]:
-        meta = self.eval_shards.meta if self.eval_shards is not None else {}
-        classnames = read_lines_or_list(self.cfg.eval.classnames, "eval.classnames") or meta.get("classnames")
-        templates = read_lines_or_list(self.cfg.eval.templates, "eval.templates") or meta.get("templates")
-        if classnames and templates:
-            check_classnames(classnames, templates)
-        return classnames, templates
-
-    def _create_tokenizer(self):
+    def _create_tokenize(self):
+        """The picklable caption tokenizer the data workers and evaluators use (None for a task without text)."""
         if not self.task.needs_caption:
             return None
-        from mm_ptft.models import create_tokenizer
+        from mm_ptft.models import Tokenize
 
-        return create_tokenizer(self.cfg.model.text)
-
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        from mm_ptft.models import tokenize
-
-        return tokenize(self.tokenizer, texts, self.cfg.model.text.context_length)
+        return Tokenize.create(self.cfg.model.text)
 
     def _total_steps(self) -> int:
         if self.cfg.train.steps is not None:
@@ -166,7 +139,7 @@ class Trainer:
             self.train_shards,
             cfg.data,
             self.task.decoder(cfg, True, self.mean, self.std),
-            self.task.collator(self.tokenize if self.tokenizer else None),
+            self.task.collator(self.tokenize),
             cfg.train.seed,
             self.rank,
             self.position,
@@ -299,42 +272,23 @@ class Trainer:
     def evaluate(self) -> dict:
         """Run ``eval.evaluators`` on the held-out shards, on every rank (ZeRO-3 needs all ranks), log on rank 0.
         With ``train.ema_decay`` the moving average is what is evaluated (and what best-selection keeps)."""
-        if self.eval_shards is None:
+        if self.eval_plan is None:
             return {}
         self._average_buffers()  # every rank evaluates (and later saves) the same BatchNorm statistics
-        cfg = self.cfg
-        workers = min(cfg.data.workers, 1)
-        tokenize = self.tokenize if self.tokenizer else None
-
-        def batches():
-            stream = EvalStream(
-                self.eval_shards,
-                self.task.decoder(cfg, False, self.mean, self.std),
-                self.task.collator(tokenize),
-                cfg.eval.batch_size,
-                self.rank,
-                self.world,
-                max(workers, 1),
-                cfg.eval.max_samples,
-            )
-            return make_loader(stream, workers, cfg.data.prefetch)
-
         module = self.engine.module
         was_training = module.training
         module.eval()
         t0 = time.perf_counter()
-        ctx = EvalContext(
+        ctx = self.eval_plan.context(
             self.task,
-            tokenize,
-            batches,
-            lambda: self.task.dummy_batch(cfg, tokenize),
-            self.device,
-            self.classnames,
-            self.templates,
+            rank=self.rank,
+            world_size=self.world,
+            device=self.device,
+            tokenize=self.tokenize,
             out_dir=self.run_dir,
         )
         with self.ema.applied_to(module) if self.ema is not None else contextlib.nullcontext():
-            metrics = run_evaluators(cfg.eval.evaluators, ctx)
+            metrics = run_evaluators(self.cfg.eval.evaluators, ctx)
         self.report_images.update(ctx.images)
         metrics["eval_time_s"] = time.perf_counter() - t0
         module.train(was_training)

@@ -4,20 +4,13 @@ tower compared with itself (zero change, CKA 1) for both towers."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_finetune import pretrained_run
 
 from mm_ptft.analysis import linear_cka, relative_change
 from mm_ptft.cli import main
-
-
-@pytest.fixture(scope="module")
-def pre(tmp_path_factory, fmnist_tiny) -> Path:
-    return pretrained_run(tmp_path_factory.getbasetemp() / "finetune-shared", fmnist_tiny)
 
 
 def feature_space_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -50,9 +43,17 @@ def test_relative_change_against_a_direct_computation():
 
 
 @pytest.mark.parametrize("tower", ["image", "text"])
-def test_a_tower_diffed_with_itself_has_zero_change_and_cka_one(pre, fmnist_tiny, tmp_path, tower):
+def test_a_tower_diffed_with_itself_has_zero_change_and_cka_one(pretrained, fmnist_tiny, tmp_path, tower):
     out = tmp_path / "diff"
-    args = ["diff", str(pre), str(pre / "model.safetensors"), "--probe", str(fmnist_tiny), "--tower", tower]
+    args = [
+        "diff",
+        str(pretrained),
+        str(pretrained / "model.safetensors"),
+        "--probe",
+        str(fmnist_tiny),
+        "--tower",
+        tower,
+    ]
     assert main([*args, "--max-samples", "48", "--out", str(out)]) == 0
     result = json.loads((out / "diff.json").read_text())
     assert result["probe_samples"] == 48 and result["tower"] == tower

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +19,7 @@ from mm_ptft.config import ConfigError, load_config
 from mm_ptft.data import BAD_REASONS, BadSampleLog, SampleDecoder, resolve_shards
 from mm_ptft.data.stream import read_tar
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "pretrain-fmnist-tiny.yaml")
 
 
@@ -129,7 +129,7 @@ def test_fuzzed_shards_never_crash_and_every_sample_is_accounted(tmp_path_factor
 
 
 def test_too_many_bad_samples_stop_the_run_with_a_clear_error(fmnist_copy, tmp_path, capsys):
-    from shard_faults import corrupt_image, member_names
+    from helpers import corrupt_image, member_names
 
     train = fmnist_copy / "train"
     for shard in sorted(train.glob("*.tar")):  # every fifth image broken: 20 % > the 5 % allowed

@@ -4,87 +4,20 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
-from shard_faults import corrupt_image, member_names
+from helpers import BIN, free_port, launch_env, recorded_keys
 
 from mm_ptft import checkpoint as ckpt
 from mm_ptft.config import load_config
 from mm_ptft.models import create_model
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd, log: Path, timeout=600):
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{log.read_text()[-4000:]}"
-
-
-@pytest.fixture(scope="module")
-def scenarios(tmp_path_factory, fmnist_tiny):
-    out = tmp_path_factory.mktemp("dist")
-    bad = out / "bad-data"
-    shutil.copytree(fmnist_tiny, bad)
-    for shard in sorted((bad / "train").glob("*.tar")):  # one undecodable image in every shard
-        key = sorted({n.split(".")[0] for n in member_names(shard)})[5]
-        corrupt_image(shard, key)
-    script = str(ROOT / "tests" / "dist_scenarios.py")
-    _run(
-        [
-            BIN / "torchrun",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(_port()),
-            script,
-            str(out),
-            str(fmnist_tiny),
-            "phase1",
-            "--bad-data",
-            str(bad),
-        ],
-        out / "phase1.log",
-    )
-    port = _port()
-    (out / "phase2.port").write_text(str(port))
-    _run(
-        [
-            BIN / "deepspeed",
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(port),
-            script,
-            str(out),
-            str(fmnist_tiny),
-            "phase2",
-        ],
-        out / "phase2.log",
-    )
-    return out
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _metrics(run_dir: Path, kind="train"):
@@ -119,18 +52,12 @@ def test_zero3_and_zero0_reach_the_same_weights(scenarios):
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
 
 
-def _keys(run_dir: Path, rank: int) -> list[tuple[int, list[str]]]:
-    return [
-        (r["step"], r["keys"]) for r in map(json.loads, (run_dir / f"keys_rank{rank}.jsonl").read_text().splitlines())
-    ]
-
-
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_continues_exactly(scenarios, stage):
     ref, cut = scenarios / f"ref-zero{stage}", scenarios / f"cut-zero{stage}"
     assert "resumed from" in (scenarios / "phase2.log").read_text()
     for rank in (0, 1):
-        ref_keys, cut_keys = _keys(ref, rank), _keys(cut, rank)
+        ref_keys, cut_keys = recorded_keys(ref, rank), recorded_keys(cut, rank)
         # the interrupted run consumed steps 0-4 (killed after 5, last checkpoint at 4), then resumed at step 4
         first = [k for s, k in cut_keys[:5] if s < 4]
         resumed = [k for _, k in cut_keys[5:]]
@@ -169,7 +96,7 @@ def test_corrupt_image_is_skipped_counted_and_run_completes(scenarios):
     assert "skipped (bad_image)" in (scenarios / "phase1.log").read_text()
 
 
-def _shard_of_keys(data: Path) -> dict[str, str]:
+def _shard_ofrecorded_keys(data: Path) -> dict[str, str]:
     out = {}
     for shard in sorted((data / "train").glob("*.tar")):
         with tarfile.open(shard) as tar:
@@ -180,7 +107,7 @@ def _shard_of_keys(data: Path) -> dict[str, str]:
 
 def test_two_nodes_read_disjoint_shards(tmp_path, fmnist_tiny):
     """Two launcher processes (torchrun --nnodes 2, one rank each) on one machine: disjoint shards per node."""
-    port = _port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         cmd = [
@@ -212,11 +139,11 @@ def test_two_nodes_read_disjoint_shards(tmp_path, fmnist_tiny):
             "eval.max_samples=64",
         ]
         log = (tmp_path / f"node{node}.log").open("w")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=log, stderr=subprocess.STDOUT))
     for node, p in enumerate(procs):
         assert p.wait(timeout=300) == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
-    shard_of = _shard_of_keys(fmnist_tiny)
-    shards = [{shard_of[k] for _, keys in _keys(tmp_path / "nodes", rank) for k in keys} for rank in (0, 1)]
+    shard_of = _shard_ofrecorded_keys(fmnist_tiny)
+    shards = [{shard_of[k] for _, keys in recorded_keys(tmp_path / "nodes", rank) for k in keys} for rank in (0, 1)]
     # 6 steps × 50 = 300 samples per node: half an epoch each, from shards no other node touched
     logs = "\n".join((tmp_path / f"node{n}.log").read_text()[-1500:] for n in (0, 1))
     assert shards[0] and shards[1] and not shards[0] & shards[1], f"shards per node: {shards}\n{logs}"

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_scenarios import ema_overrides
-from test_distributed import BIN, ROOT, _env, _keys, _port, scenarios  # noqa: F401 - the shared reference runs
+from helpers import BIN, ROOT, ema_overrides, free_port, launch_env, recorded_keys
 
 from mm_ptft import checkpoint as ckpt
 
@@ -23,7 +22,7 @@ TINY = ROOT / "configs" / "pretrain-fmnist-tiny.yaml"
 def _launch(out: Path, data: Path, stage: int, resume: bool, env_extra: dict | None = None) -> subprocess.Popen:
     # the same run as tests/dist_scenarios.py's ref-zero{stage} (8 steps, 2 workers, keys recorded), saving more often
     cmd = [
-        *(BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(_port()), "--module", "mm_ptft", "train"),
+        *(BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "mm_ptft", "train"),
         *("-c", str(TINY), f"data.train={data}", f"eval.data={data}", f"train.output_dir={out}"),
         *(f"train.name=z{stage}", "train.progress=false", "train.tensorboard=false", "train.report=false"),
         *(f"deepspeed.zero_stage={stage}", "train.steps=8", "train.save_every=2", "train.record_keys=true"),
@@ -31,7 +30,7 @@ def _launch(out: Path, data: Path, stage: int, resume: bool, env_extra: dict | N
     ]
     if resume:
         cmd.append("train.resume=latest")
-    env = dict(_env(), **(env_extra or {}))
+    env = dict(launch_env(), **(env_extra or {}))
     log = open(out / f"z{stage}-attempt{len(list(out.glob(f'z{stage}-attempt*.log')))}.log", "w")  # noqa: SIM115
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -40,7 +39,7 @@ def _attempt_records(run: Path, rank: int) -> list[list[tuple[int, list[str]]]]:
     """keys_rank{r}.jsonl split into attempts: a new attempt starts where the step number goes back."""
     attempts: list[list[tuple[int, list[str]]]] = []
     last = None
-    for step, keys in _keys(run, rank):
+    for step, keys in recorded_keys(run, rank):
         if last is None or step <= last:
             attempts.append([])
         attempts[-1].append((step, keys))
@@ -49,7 +48,7 @@ def _attempt_records(run: Path, rank: int) -> list[list[tuple[int, list[str]]]]:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_killed_ranks_lose_nothing(scenarios, tmp_path, fmnist_tiny, stage):  # noqa: F811
+def test_killed_ranks_lose_nothing(scenarios, tmp_path, fmnist_tiny, stage):
     run = tmp_path / f"z{stage}"
     # attempt 1: rank 1 is SIGKILLed in the middle of saving step 4 (DeepSpeed's files written, ours not)
     p = _launch(tmp_path, fmnist_tiny, stage, False, {"MM_PTFT_FAULT": "mid_save:4:1"})
@@ -81,7 +80,7 @@ def test_killed_ranks_lose_nothing(scenarios, tmp_path, fmnist_tiny, stage):  # 
             if resume_at is not None:
                 assert replayed == attempts[i + 1][: len(replayed)], f"rank {rank} attempt {i}"
             consumed += kept
-        assert [k for _, k in consumed] == [k for _, k in _keys(ref, rank)], f"rank {rank}"
+        assert [k for _, k in consumed] == [k for _, k in recorded_keys(ref, rank)], f"rank {rank}"
         assert [s for s, _ in consumed] == list(range(8))
     a = ckpt.load_weights(ref / "model.safetensors")
     b = ckpt.load_weights(run / "model.safetensors")

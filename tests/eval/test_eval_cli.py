@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 from braceexpand import braceexpand
+from helpers import FT_TINY
 from PIL import Image
-from test_finetune import FT_TINY, pretrained_run
 
 from mm_ptft.checkpoint import load_weights
 from mm_ptft.cli import main
@@ -24,11 +24,6 @@ from mm_ptft.eval.probe import fit_logistic_regression
 from mm_ptft.models import create_model
 
 N = 200
-
-
-@pytest.fixture(scope="module")
-def pre(tmp_path_factory, fmnist_tiny) -> Path:
-    return pretrained_run(tmp_path_factory.getbasetemp() / "finetune-shared", fmnist_tiny)
 
 
 def read_split(data: Path, split: str, n: int) -> list[dict]:
@@ -89,19 +84,20 @@ def expected_recall(queries: np.ndarray, keys: np.ndarray, k: int) -> float:
     return float(np.clip((k - ahead) / (ties + 1), 0, 1).mean())
 
 
-def test_eval_metrics_agree_with_sklearn_and_numpy(pre, fmnist_tiny, tmp_path):
+def test_eval_metrics_agree_with_sklearn_and_numpy(pretrained, fmnist_tiny, tmp_path):
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, top_k_accuracy_score
 
     out, cb = tmp_path / "eval.json", tmp_path / "clip_benchmark"
     evaluators = "eval.evaluators=[zeroshot,retrieval,linear_probe]"
     args = [f"eval.data={fmnist_tiny}", f"eval.max_samples={N}", f"eval.batch_size={N}", evaluators]
-    assert main(["eval", "--model", str(pre), "--out", str(out), "--out-dir", str(cb), *args]) == 0
+    args.append(f"eval.settings.linear_probe.max_train_samples={N}")  # the probe's own setting: N train samples
+    assert main(["eval", "--model", str(pretrained), "--out", str(out), "--out-dir", str(cb), *args]) == 0
     metrics = json.loads(out.read_text())["metrics"]
 
-    cfg = load_config(pre / "config.yaml", [f"eval.data={fmnist_tiny}"])
+    cfg = load_config(pretrained / "config.yaml", [f"eval.data={fmnist_tiny}"])
     model = create_model(cfg.model)
-    model.load_state_dict(load_weights(pre / "model.safetensors"))
+    model.load_state_dict(load_weights(pretrained / "model.safetensors"))
     model.eval()
     image_f, text_f, labels, classes = encode(model, cfg, read_split(fmnist_tiny, "test", N), fmnist_tiny)
 
@@ -135,7 +131,7 @@ def test_eval_metrics_agree_with_sklearn_and_numpy(pre, fmnist_tiny, tmp_path):
     assert rows["zeroshot_retrieval"]["dataset"] == "fashion-mnist"
 
 
-def test_classification_and_flip_metrics_agree_with_sklearn(pre, fmnist_tiny, tmp_path):
+def test_classification_and_flip_metrics_agree_with_sklearn(pretrained, fmnist_tiny, tmp_path):
     """`classification` and `classification_hflip` of a classifier (the zero-shot-headed fine-tune start, saved as
     a file) against sklearn on logits of numpy-preprocessed images and of their mirror images."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, top_k_accuracy_score
@@ -144,7 +140,7 @@ def test_classification_and_flip_metrics_agree_with_sklearn(pre, fmnist_tiny, tm
     from mm_ptft.config import save_config
     from mm_ptft.tasks import create_task
 
-    cfg = load_config(FT_TINY, [f"data.train={fmnist_tiny}", f"eval.data={fmnist_tiny}", f"finetune.init={pre}"])
+    cfg = load_config(FT_TINY, [f"data.train={fmnist_tiny}", f"eval.data={fmnist_tiny}", f"finetune.init={pretrained}"])
     task = create_task(cfg).eval()
     save_weights(task.model.state_dict(), tmp_path / "model.safetensors")
     save_config(cfg, tmp_path / "config.yaml")
@@ -187,10 +183,10 @@ def test_logistic_regression_matches_sklearn():
         assert np.allclose(b.numpy() - b.numpy().mean(), ref.intercept_ - ref.intercept_.mean(), atol=1e-3), c
 
 
-def test_duplicate_class_name_file_in_eval_is_one_line(pre, fmnist_tiny, tmp_path, capsys):
+def test_duplicate_class_name_file_in_eval_is_one_line(pretrained, fmnist_tiny, tmp_path, capsys):
     names = tmp_path / "classnames.txt"
     names.write_text("\n".join(["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "coat"]) + "\n")
     args = [f"eval.data={fmnist_tiny}", f"eval.classnames={names}", "eval.evaluators=[zeroshot]"]
-    assert main(["eval", "--model", str(pre), *args]) == 2
+    assert main(["eval", "--model", str(pretrained), *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: eval: duplicate class name 'coat' (entries 4 and 7)"
+    assert err == f"error: config: duplicate class name 'coat' in eval.classnames ({names}) (entries 4 and 7)"

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from PIL import Image
 
 from data_tools.verify import iter_tar_samples
 from mm_ptft.cli import main
-from mm_ptft.evaluate import load_trained
+from mm_ptft.tasks import load_trained
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "pretrain-fmnist-tiny.yaml")
 # a dual encoder open_clip 3.3 can represent: a timm model at its default size, no architecture kwargs
 OPEN_CLIP_ABLE = [
@@ -232,8 +232,8 @@ def test_open_clip_round_trip_and_zero_shot(runs, tmp_path, fmnist_tiny):
     assert acc1 == pytest.approx(metrics["zeroshot/acc1"], abs=1e-6)
     # per image, too: mm-ptft's own classifier and transform give the same predictions
     from mm_ptft.data import create_transform
-    from mm_ptft.eval import zeroshot_classifier
-    from mm_ptft.train.trainer import image_norm_stats
+    from mm_ptft.data.stats import image_norm_stats
+    from mm_ptft.models.zeroshot import zeroshot_classifier
 
     ours_clf = zeroshot_classifier(
         model, lambda t: tokenize(tokenizer, t, 16), classnames, templates, torch.device("cpu")
@@ -248,6 +248,35 @@ def test_open_clip_round_trip_and_zero_shot(runs, tmp_path, fmnist_tiny):
             ]
         )
     assert torch.equal(ours, predictions)
+
+
+def test_a_moved_open_clip_export_needs_only_relocate(runs, tmp_path):
+    """open_clip resolves the HF text path of its config against the working directory, so an export records the
+    absolute path it was written to. Moving it breaks plain open_clip until ``relocate`` re-points that one field;
+    mm-ptft's own reader (``load_exported``) works wherever the directory is."""
+    import open_clip
+
+    from mm_ptft.export.to_open_clip import load_exported, relocate
+
+    out = tmp_path / "written-here"
+    _export(runs["oc"], out, "--to", "open_clip")
+    moved = tmp_path / "elsewhere" / "oc"
+    shutil.copytree(out / "open_clip", moved)
+    shutil.rmtree(out)
+    with pytest.raises(OSError):  # transformers cannot find the recorded (now removed) text tower directory
+        open_clip.create_model_and_transforms(f"local-dir:{moved}")
+    _, task = load_trained(runs["oc"])
+    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    want = task.model.encode_image(x, normalize=False).detach()
+    ours, _, _ = load_exported(moved)
+    relocate(moved)
+    assert json.loads((moved / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]["hf_model_name"] == str(
+        moved
+    )
+    plain, _, _ = open_clip.create_model_and_transforms(f"local-dir:{moved}")
+    with torch.no_grad():
+        for model in (ours, plain):
+            assert (model.eval().encode_image(x) - want).abs().max() < 1e-5
 
 
 # ------------------------------------------------------------------------------------------------- CLIP_benchmark

@@ -2,29 +2,10 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_cfg
 
-from mm_ptft.config import ConfigError, load_config
+from mm_ptft.config import ConfigError
 from mm_ptft.models import DualEncoder, create_model, create_tokenizer, tokenize
-
-TINY_TEXT = (
-    "model.text.config={model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2, "
-    "num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 64}"
-)
-
-
-def tiny_cfg(*overrides):
-    return load_config(
-        None,
-        [
-            "model.image.name=vit_tiny_patch16_224",
-            "model.image.image_size=28",
-            "model.image.kwargs={patch_size: 7, embed_dim: 32, depth: 3, num_heads: 2}",
-            TINY_TEXT,
-            "model.text.tokenizer=minilm-l6",
-            "model.embed_dim=16",
-            *overrides,
-        ],
-    )
 
 
 @pytest.mark.parametrize(
@@ -148,21 +129,30 @@ def test_bad_tower_names_are_config_errors():
 
 
 def test_grad_checkpointing_gives_same_gradients():
+    """Recomputing tower blocks in the backward gives the gradients of the plain model, in training mode (where
+    transformers checkpoints at all) with dropout active: checkpointing replays the RNG state of each block."""
     torch.manual_seed(0)
-    cfg = tiny_cfg()
+    cfg = tiny_cfg("model.image.kwargs.drop_rate=0.1", "model.text.config.hidden_dropout_prob=0.1")
     a = create_model(cfg.model)
     b = DualEncoder(cfg.model)
     b.load_state_dict(a.state_dict())
     b.set_grad_checkpointing(True)
-    a.eval(), b.eval()  # no dropout: compare the recomputation only
+    assert b.text.transformer.is_gradient_checkpointing and b.image.trunk.grad_checkpointing
     image = torch.randn(3, 3, 28, 28)
     ids = torch.randint(0, 30522, (3, 8))
     for m in (a, b):
+        m.train()
+        torch.manual_seed(1)  # the same dropout masks in both forwards
         out = m(image, ids, torch.ones_like(ids))
-        (out["image_features"] @ out["text_features"].T).sum().backward()
+        (out["logit_scale"] * out["image_features"] @ out["text_features"].T).sum().backward()
+    compared = 0
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
-        if pa.grad is not None:
-            torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=n)
+        if not pa.requires_grad:
+            continue
+        assert pa.grad is not None and pb.grad is not None, n
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=n)
+        compared += n.startswith("text.transformer.encoder.layer.")
+    assert compared > 10  # the text layers' gradients were among those compared
 
 
 @pytest.mark.parametrize(

@@ -13,60 +13,43 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import load_script, tiny_overrides, tower_groups
 
 from mm_ptft.checkpoint import load_weights
 from mm_ptft.cli import main
 from mm_ptft.config import load_config
-from mm_ptft.evaluate import evaluate_model, load_trained
-from mm_ptft.tasks import create_task
+from mm_ptft.eval import evaluate_model
+from mm_ptft.tasks import create_task, load_trained
 
-ROOT = Path(__file__).resolve().parents[1]
-PRE_TINY = str(ROOT / "configs" / "pretrain-fmnist-tiny.yaml")
+ROOT = Path(__file__).resolve().parents[2]
 FT_TINY = str(ROOT / "configs" / "finetune" / "fmnist-full-tiny.yaml")
 EVAL_N = 256  # the tiny fine-tune twin's eval.max_samples
 
 
-def pretrained_run(base: Path, data: Path) -> Path:
-    """A tiny fp32 pretraining run, trained once per session and shared by the fine-tuning tests."""
-    run = base / "pretrained"
-    if not (run / "model.safetensors").is_file():
-        overrides = [*tiny_overrides(data, base, "pretrained"), "deepspeed.precision=fp32", "train.steps=20"]
-        assert main(["train", "-c", PRE_TINY, *overrides, "train.report=false", "eval.max_samples=64"]) == 0
-    return run
-
-
-@pytest.fixture(scope="module")
-def pre(tmp_path_factory, fmnist_tiny) -> Path:
-    return pretrained_run(tmp_path_factory.getbasetemp() / "finetune-shared", fmnist_tiny)
-
-
-def zeroshot_metrics(pre: Path, data: Path, n: int = EVAL_N) -> dict:
-    cfg, task = load_trained(pre, None, [f"eval.data={data}", f"eval.max_samples={n}", "eval.evaluators=[zeroshot]"])
+def zeroshot_metrics(pretrained: Path, data: Path, n: int = EVAL_N) -> dict:
+    cfg, task = load_trained(
+        pretrained, None, [f"eval.data={data}", f"eval.max_samples={n}", "eval.evaluators=[zeroshot]"]
+    )
     return evaluate_model(cfg, task)
 
 
-def ft_overrides(data: Path, out: Path, name: str, pre: Path, *extra: str) -> list[str]:
-    return [*tiny_overrides(data, out, name), f"finetune.init={pre}", "train.report=false", *extra]
+def ft_overrides(data: Path, out: Path, name: str, pretrained: Path, *extra: str) -> list[str]:
+    return [*tiny_overrides(data, out, name), f"finetune.init={pretrained}", "train.report=false", *extra]
 
 
-def summary_of(run: Path) -> dict:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
-
-
-def test_zeroshot_head_starts_at_the_zeroshot_accuracy(pre, fmnist_tiny):
-    from mm_ptft.eval import zeroshot_classifier
+def test_zeroshot_head_starts_at_the_zeroshot_accuracy(pretrained, fmnist_tiny):
     from mm_ptft.models import create_tokenizer, tokenize
+    from mm_ptft.models.zeroshot import zeroshot_classifier
 
-    cfg = load_config(FT_TINY, [f"data.train={fmnist_tiny}", f"eval.data={fmnist_tiny}", f"finetune.init={pre}"])
+    cfg = load_config(FT_TINY, [f"data.train={fmnist_tiny}", f"eval.data={fmnist_tiny}", f"finetune.init={pretrained}"])
     task = create_task(cfg).eval()
     ft = evaluate_model(cfg, task)
-    zs = zeroshot_metrics(pre, fmnist_tiny)
+    zs = zeroshot_metrics(pretrained, fmnist_tiny)
     assert zs["zeroshot/acc1"] > 0.15  # the pretrained model is better than chance, so agreement means something
     for name in ("acc1", "acc5", "mean_per_class_recall"):
         assert ft[f"classification/{name}"] == pytest.approx(zs[f"zeroshot/{name}"], abs=1e-6), name
     # beyond accuracy: the logits are the dual encoder's zero-shot similarities times its temperature
-    _, dual = load_trained(pre)
+    _, dual = load_trained(pretrained)
     tokenizer = create_tokenizer(cfg.model.text)
     templates = json.loads((fmnist_tiny / "dataset.json").read_text())["templates"]
     classifier = zeroshot_classifier(
@@ -79,16 +62,16 @@ def test_zeroshot_head_starts_at_the_zeroshot_accuracy(pre, fmnist_tiny):
         assert torch.allclose(task.model(images), expected, atol=1e-4)
 
 
-def test_finetune_improves_and_wise_ft_ends_reproduce_zeroshot_and_finetuned(pre, fmnist_tiny, tmp_path):
+def test_finetune_improves_and_wise_ft_ends_reproduce_zeroshot_and_finetuned(pretrained, fmnist_tiny, tmp_path):
     run = tmp_path / "ft"
     extra = ["deepspeed.precision=fp32", "train.steps=16", "eval.every=4", "optim.lr=1e-3", "optim.warmup_steps=0",
              "optim.layer_decay=null", "finetune.label_smoothing=0.0"]  # fmt: skip
-    assert main(["train", "-c", FT_TINY, *ft_overrides(fmnist_tiny, tmp_path, "ft", pre, *extra)]) == 0
+    assert main(["train", "-c", FT_TINY, *ft_overrides(fmnist_tiny, tmp_path, "ft", pretrained, *extra)]) == 0
     assert (run / "best.safetensors").is_file() and (run / "model.safetensors").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     summary = records[-1]
-    zs = zeroshot_metrics(pre, fmnist_tiny)["zeroshot/acc1"]
+    zs = zeroshot_metrics(pretrained, fmnist_tiny)["zeroshot/acc1"]
     # eval.at_start: step 0 is evaluated, and it is the zero-shot classifier of the dual encoder
     assert [e["step"] for e in evals] == [0, 4, 8, 12, 16]
     assert evals[0]["classification/acc1"] == pytest.approx(zs, abs=1e-6)
@@ -105,15 +88,7 @@ def test_finetune_improves_and_wise_ft_ends_reproduce_zeroshot_and_finetuned(pre
     assert "| 0.50 |" in (tmp_path / "wise" / "wise_ft.md").read_text()
 
 
-def tower_groups(run: Path) -> list[list[str]]:
-    """The image tower's layer groups (parameter names, input → output, the projection last) of a run's model."""
-    from mm_ptft.models import ImageTower
-
-    cfg = load_config(run / "config.yaml")
-    return ImageTower(cfg.model.image, cfg.model.embed_dim).layer_groups()
-
-
-def test_last_n_trains_only_the_last_blocks_with_mixup(pre, fmnist_tiny, tmp_path):
+def test_last_n_trains_only_the_last_blocks_with_mixup(pretrained, fmnist_tiny, tmp_path):
     unlocked = 2
     extra = [
         "finetune.policy=last-n",
@@ -127,9 +102,9 @@ def test_last_n_trains_only_the_last_blocks_with_mixup(pre, fmnist_tiny, tmp_pat
         "optim.lr=1e-2",
         "optim.warmup_steps=0",
     ]
-    assert main(["train", "-c", FT_TINY, *ft_overrides(fmnist_tiny, tmp_path, "lastn", pre, *extra)]) == 0
+    assert main(["train", "-c", FT_TINY, *ft_overrides(fmnist_tiny, tmp_path, "lastn", pretrained, *extra)]) == 0
     out = tmp_path / "diff"
-    assert main(["diff", str(pre), str(tmp_path / "lastn"), "--probe", str(fmnist_tiny), "--max-samples", "64",
+    assert main(["diff", str(pretrained), str(tmp_path / "lastn"), "--probe", str(fmnist_tiny), "--max-samples", "64",
                  "--out", str(out)]) == 0  # fmt: skip
     result = json.loads((out / "diff.json").read_text())
     # the reference is the tower's own grouping (embeddings, blocks, a final norm group if the pooling has one, proj)
@@ -160,32 +135,39 @@ def _one_line_error(capsys) -> str:
     return err
 
 
-def test_checkpoint_of_another_shape_is_one_line(pre, fmnist_tiny, tmp_path, capsys):
+def test_checkpoint_of_another_shape_is_one_line(pretrained, fmnist_tiny, tmp_path, capsys):
     args = ft_overrides(
-        fmnist_tiny, tmp_path, "bad", pre, "model.image.kwargs.embed_dim=48", "finetune.head_init=random"
+        fmnist_tiny, tmp_path, "bad", pretrained, "model.image.kwargs.embed_dim=48", "finetune.head_init=random"
     )
     assert main(["train", "-c", FT_TINY, *args]) == 2
     err = _one_line_error(capsys)
     assert "does not fit this model" in err and "shape mismatches" in err and "image.*" in err
 
 
-def test_duplicate_class_name_file_is_one_line(pre, fmnist_tiny, tmp_path, capsys):
+def test_duplicate_class_name_file_is_one_line(pretrained, fmnist_tiny, tmp_path, capsys):
     names = tmp_path / "classes.txt"
     names.write_text("t-shirt\ntrouser\nbag\ndress\nbag\n")
     assert (
-        main(["train", "-c", FT_TINY, *ft_overrides(fmnist_tiny, tmp_path, "dup", pre, f"finetune.classnames={names}")])
+        main(
+            [
+                "train",
+                "-c",
+                FT_TINY,
+                *ft_overrides(fmnist_tiny, tmp_path, "dup", pretrained, f"finetune.classnames={names}"),
+            ]
+        )
         == 2
     )
     assert _one_line_error(capsys) == (
-        "error: config: duplicate class name 'bag' in finetune.classnames (entries 2 and 4)"
+        f"error: config: duplicate class name 'bag' in finetune.classnames ({names}) (entries 2 and 4)"
     )
 
 
-def test_label_outside_the_class_list_is_one_line(pre, fmnist_tiny, tmp_path, capsys):
+def test_label_outside_the_class_list_is_one_line(pretrained, fmnist_tiny, tmp_path, capsys):
     names = tmp_path / "classes.txt"
     names.write_text("t-shirt\ntrouser\npullover\ndress\ncoat\n")  # 5 of the 10 classes the shards use
     args = ft_overrides(
-        fmnist_tiny, tmp_path, "labels", pre, f"finetune.classnames={names}", "finetune.head_init=random"
+        fmnist_tiny, tmp_path, "labels", pretrained, f"finetune.classnames={names}", "finetune.head_init=random"
     )
     # met by the first training batch …
     assert main(["train", "-c", FT_TINY, *args, "eval.at_start=false"]) == 2
@@ -213,8 +195,7 @@ def test_every_finetune_recipe_loads_and_has_a_tiny_twin():
 def test_transfer_study_tiny_twin_trains_every_cell_from_the_right_start(fmnist_tiny, tmp_path):
     """The study's wiring: pretrained cells start from the pretraining weights (a frozen linear-probe tower keeps
     them exactly), scratch cells do not; every cell is tested and lands in the table and the plot."""
-    from mm_ptft.finetune import study
-
+    study = load_script(ROOT / "bench" / "transfer_study.py")
     pre = tmp_path / "pre-cnn"
     pre_tiny = str(ROOT / "configs" / "pretrain-fmnist-cnn-tiny.yaml")
     overrides = [*tiny_overrides(fmnist_tiny, tmp_path, "pre-cnn"), "deepspeed.precision=fp32", "train.steps=4"]

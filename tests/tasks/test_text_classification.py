@@ -8,13 +8,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 import data_tools
 from mm_ptft.cli import main
 from mm_ptft.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FORTUNES = Path("/usr/share/games/fortunes")
 MINILM = str(ROOT / "configs" / "finetune" / "fortunes-minilm.yaml")
 RANDOM = str(ROOT / "configs" / "finetune" / "fortunes-random.yaml")

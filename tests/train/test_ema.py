@@ -9,16 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from torch import nn
 
 from mm_ptft import checkpoint as ckpt
 from mm_ptft.cli import main
 from mm_ptft.config import ConfigError, load_config
-from mm_ptft.evaluate import evaluate_model, load_trained
+from mm_ptft.eval import evaluate_model
+from mm_ptft.tasks import load_trained
 from mm_ptft.train.ema import WeightEMA
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CNN_TINY = ROOT / "configs" / "finetune" / "fmnist-cnn-full-tiny.yaml"
 
 

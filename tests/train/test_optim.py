@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from test_models import tiny_cfg
+from helpers import tiny_cfg
 
 from mm_ptft.config import ConfigError, OptimConfig, load_config
 from mm_ptft.models import create_model
