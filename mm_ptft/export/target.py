@@ -16,10 +16,12 @@ class ExportTarget(abc.ABC):
     """One export format, written under ``<out>/<name>/``."""
 
     name: str = ""
+    tower: str = "image"  # the tower a checkpoint must hold for this target: 'image' or 'text'
 
-    @abc.abstractmethod
     def unavailable(self, src: ExportSource) -> str | None:
         """Why this target cannot export ``src`` (one clause), or None when it can."""
+        held = src.has_image if self.tower == "image" else src.has_text
+        return None if held else f"the checkpoint holds no {self.tower} tower"
 
     @abc.abstractmethod
     def export(self, src: ExportSource, work: Path, final: Path, verify: bool, opset: int | None) -> dict:

@@ -104,9 +104,6 @@ class OnnxTarget(ExportTarget):
 
     name = "onnx"
 
-    def unavailable(self, src: ExportSource) -> str | None:
-        return None if src.has_image else "the checkpoint holds no image tower"
-
     def export(self, src: ExportSource, work: Path, final: Path, verify: bool, opset: int | None) -> dict:
         return export_onnx(src, work, verify, opset)
 

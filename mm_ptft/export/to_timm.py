@@ -140,8 +140,5 @@ class TimmTarget(ExportTarget):
 
     name = "timm"
 
-    def unavailable(self, src: ExportSource) -> str | None:
-        return None if src.has_image else "the checkpoint holds no image tower"
-
     def export(self, src: ExportSource, work: Path, final: Path, verify: bool, opset: int | None) -> dict:
         return export_timm(src, work, verify)

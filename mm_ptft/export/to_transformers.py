@@ -104,9 +104,7 @@ class TransformersTarget(ExportTarget):
     """The text tower as a transformers ``save_pretrained`` directory (+ tokenizer and projection)."""
 
     name = "transformers"
-
-    def unavailable(self, src: ExportSource) -> str | None:
-        return None if src.has_text else "the checkpoint holds no text tower"
+    tower = "text"
 
     def export(self, src: ExportSource, work: Path, final: Path, verify: bool, opset: int | None) -> dict:
         return export_transformers(src, work, verify)

@@ -37,26 +37,22 @@ def _is_isotropic(trunk: nn.Module) -> bool:
     return len({f["reduction"] for f in info}) == 1
 
 
-def create_detection_tower(
-    cfg: ImageTowerConfig, weights: dict[str, torch.Tensor] | None = None, fused_attn: bool | None = None
-) -> ImageTower:
-    """The image tower as pretraining built it, loaded with ``weights`` (ImageTower names) when given.
+def projection_width(weights: dict[str, torch.Tensor] | None) -> int:
+    """The joint-embedding width of a tower's saved projection (1 when there are no weights to match)."""
+    proj = sorted(k for k in (weights or {}) if k.startswith("proj.") and k.endswith("weight"))
+    return int(weights[proj[-1]].shape[0]) if proj else 1
 
-    ViTs get ``dynamic_img_size`` (any input size, the same weights). The projection keeps the checkpoint's width
-    so the weights load strictly; the detector drops it after the freeze policy has been applied.
+
+def create_detection_tower(cfg: ImageTowerConfig, embed_dim: int = 1, fused_attn: bool | None = None) -> ImageTower:
+    """The image tower as pretraining built it; ViTs get ``dynamic_img_size`` (any input size, the same weights).
+
+    ``embed_dim`` is the projection width of the weights that will start it (:func:`projection_width`), so they
+    load strictly; the detector drops the projection after the freeze policy has been applied.
     """
-    embed_dim = 1
-    if weights is not None:
-        proj = sorted(k for k in weights if k.startswith("proj.") and k.endswith("weight"))
-        embed_dim = int(weights[proj[-1]].shape[0]) if proj else embed_dim
     tower = ImageTower(cfg, embed_dim, fused_attn=fused_attn)
     if getattr(tower.trunk, "dynamic_img_size", True) is False:
         kwargs = {**cfg.kwargs, "dynamic_img_size": True}
         tower = ImageTower(dataclasses.replace(cfg, kwargs=kwargs), embed_dim, fused_attn=fused_attn)
-    if weights is not None:
-        from mm_ptft.checkpoint import load_model_weights
-
-        load_model_weights(tower, weights, what="detection.init (its image.* weights)")
     return tower
 
 
@@ -301,21 +297,14 @@ def _select_levels(tower: ImageTower, det: DetectionConfig) -> tuple[list[int], 
 
 
 def create_detection_model(
-    image_cfg: ImageTowerConfig,
-    det: DetectionConfig,
-    num_classes: int,
-    mean: list[float],
-    std: list[float],
-    tower_weights: dict[str, torch.Tensor] | None = None,
-    fused_attn: bool | None = None,
+    tower: ImageTower, det: DetectionConfig, num_classes: int, mean: list[float], std: list[float]
 ) -> DetectionModel:
-    """Build the detector; ``tower_weights`` (ImageTower names, e.g. from a pretraining run's ``image.*``) start the
-    tower, else it is randomly initialised. The freeze policy is applied before unused trunk parts are pruned."""
+    """Build the detector around ``tower`` (:func:`create_detection_tower`, already holding its starting weights).
+    The freeze policy is applied before unused trunk parts are pruned."""
     if sorted(det.strides) != list(det.strides) or len(set(det.strides)) != len(det.strides):
         raise ConfigError(f"config: detection.strides must increase, got {det.strides}")
     if len(det.rpn_proposals) != 2:
         raise ConfigError("config: detection.rpn_proposals needs [train, eval]")
-    tower = create_detection_tower(image_cfg, tower_weights, fused_attn)
     isotropic = _is_isotropic(tower.trunk)
     take, level_inputs, channels, in_strides = _select_levels(tower, det)
     if det.policy == "frozen":

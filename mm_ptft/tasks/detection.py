@@ -19,7 +19,12 @@ from mm_ptft.data.detection import (
     resolve_categories,
     targets_to,
 )
-from mm_ptft.models.detection import DetectionModel, create_detection_model
+from mm_ptft.models.detection import (
+    DetectionModel,
+    create_detection_model,
+    create_detection_tower,
+    projection_width,
+)
 from mm_ptft.tasks.base import TASKS, Task
 
 
@@ -106,7 +111,7 @@ class DetectionTask(Task):
         categories = resolve_categories(cfg, shards)
         mean, std = image_norm_stats(cfg)
         weights = tower_state(ckpt.load_weights(det.init), "image.", det.init) if det.init else None
-        model = create_detection_model(
-            cfg.model.image, det, len(categories), mean, std, weights, use_fused_attn(cfg.model)
-        )
-        return cls(model, categories, cfg)
+        tower = create_detection_tower(cfg.model.image, projection_width(weights), use_fused_attn(cfg.model))
+        if weights is not None:
+            ckpt.load_model_weights(tower, weights, what="detection.init (its image.* weights)")
+        return cls(create_detection_model(tower, det, len(categories), mean, std), categories, cfg)
