@@ -227,6 +227,10 @@ class DetectionConfig:
     detections_per_image: int = 100
 
 
+# the top-level sections that belong to tasks (Task.sections): present in a run's config only for a task that reads them
+OPTIONAL_SECTIONS = ("loss", "finetune", "detection")
+
+
 @dataclass
 class Config:
     task: str = "contrastive"  # registered task (mm_ptft.tasks); it says which optional sections below it reads
@@ -348,10 +352,7 @@ def config_from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "")
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested data of a config; task sections its task does not read (None) are left out."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None or k not in _OPTIONAL_SECTIONS}
-
-
-_OPTIONAL_SECTIONS = ("loss", "finetune", "detection")
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None or k not in OPTIONAL_SECTIONS}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

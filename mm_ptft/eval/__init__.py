@@ -15,7 +15,6 @@ from mm_ptft.eval.base import (
     FeatureExtractor,
     ImageClassifier,
     ImageTextEncoder,
-    check_evaluators,
     register_evaluator,
     run_evaluators,
 )
@@ -37,7 +36,6 @@ __all__ = [
     "FeatureExtractor",
     "ImageClassifier",
     "ImageTextEncoder",
-    "check_evaluators",
     "clip_benchmark_filename",
     "clip_benchmark_records",
     "evaluate_model",

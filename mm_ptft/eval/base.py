@@ -9,7 +9,6 @@ imports; nothing else to edit.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,13 +119,6 @@ def evaluator_settings(settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def check_evaluators(names: list[str], settings: dict[str, dict[str, Any]]) -> None:
-    """Every evaluator named in the config exists and its settings parse (before any work starts)."""
-    for name in names:
-        get_evaluator(name)
-    evaluator_settings(settings)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Context
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,9 +197,6 @@ class EvalContext:
             out["text"] = all_gather_tensor(torch.cat(text) if text else torch.zeros(0, width))
         self._features = out
         return out
-
-    def without_cache(self) -> EvalContext:
-        return dataclasses.replace(self, _features=None)
 
 
 def _requirement(need: type) -> str:

@@ -18,12 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mm_ptft.config import Config, ConfigError
+from mm_ptft.config import OPTIONAL_SECTIONS, Config, ConfigError
 from mm_ptft.data import ImageTextSamples
 from mm_ptft.registry import Registry
-
-# optional top-level sections of Config: present in a run's config only when its task reads them
-OPTIONAL_SECTIONS = ("loss", "finetune", "detection")
 
 
 class Task(nn.Module, abc.ABC):
