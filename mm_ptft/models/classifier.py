@@ -7,6 +7,7 @@ Single-device code.
 
 from __future__ import annotations
 
+import abc
 from typing import Literal
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 HeadInput = Literal["pooled", "embedding"]
 
 
-class TowerClassifier(nn.Module):
+class TowerClassifier(nn.Module, abc.ABC):
     """``tower`` → features → ``head`` (B, num_classes).
 
     ``head_input='pooled'`` feeds the trunk's pooled features (B, width) to the head and leaves the tower's projection
@@ -66,9 +67,9 @@ class TowerClassifier(nn.Module):
         self.frozen_tower = True
         self.train(self.training)
 
+    @abc.abstractmethod
     def lock_tower(self, unlocked: int) -> None:
         """Freeze the tower except its last ``unlocked`` layer groups (the head always trains)."""
-        raise NotImplementedError
 
     def train(self, mode: bool = True) -> TowerClassifier:
         super().train(mode)

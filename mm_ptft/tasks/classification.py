@@ -9,6 +9,8 @@ tower's weights come from, what is frozen and how the head starts::
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 
@@ -90,13 +92,13 @@ class _ClassifierTask(Task):
         if cls.tower == "text" or ft.head_init == "zeroshot":
             check_text_tower(cfg)
 
+    @abc.abstractmethod
     def logits(self, batch: dict) -> torch.Tensor:
         """(B, num_classes) float32 logits of a batch."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def features(self, batch: dict) -> torch.Tensor:
         """(B, F) float32 head inputs of a batch (what a linear probe of this model sees)."""
-        raise NotImplementedError
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         labels = batch["label"]
