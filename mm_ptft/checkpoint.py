@@ -271,6 +271,25 @@ def config_of(source: str | Path) -> dict | None:
     return None
 
 
+def saved_config(
+    sources: str | Path | list[str | Path], overrides: list[str] | None = None, hint: str = "; pass --config"
+):
+    """The typed config saved beside the first of ``sources`` that has one (see :func:`config_of`), with dotted
+    ``overrides`` applied; ``hint`` ends the error (what the caller's user can do instead).
+
+    Raises:
+        ConfigError: none of them has a config.yaml, or an override does not fit it.
+    """
+    from mm_ptft.config import apply_overrides, config_from_dict
+
+    sources = sources if isinstance(sources, list) else [sources]
+    for source in sources:
+        data = config_of(source)
+        if data is not None:
+            return config_from_dict(apply_overrides(data, list(overrides or [])))
+    raise ConfigError(f"config: no config.yaml beside {' or '.join(map(str, sources))}{hint}")
+
+
 def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
     """Load ``state`` strictly, turning shape / key mismatches into a one-line error."""
     own = model.state_dict()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mm_ptft import checkpoint as ckpt
-from mm_ptft.config import Config, ConfigError, apply_overrides, config_from_dict
+from mm_ptft.config import Config, ConfigError
 
 DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -42,12 +42,9 @@ def interpolate(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Te
 
 
 def run_config(run_dir: Path, overrides: list[str]) -> Config:
-    data = ckpt.config_of(run_dir)
-    if data is None:
-        raise ConfigError(f"config: no config.yaml in {run_dir}")
     from mm_ptft.tasks import configure_task
 
-    cfg = configure_task(config_from_dict(apply_overrides(data, overrides)))
+    cfg = configure_task(ckpt.saved_config(run_dir, overrides, hint=" (wise-ft reads the run's own config)"))
     head_init = cfg.finetune.head_init if cfg.finetune is not None else None
     if cfg.task != "classification" or head_init != "zeroshot":
         raise ConfigError(

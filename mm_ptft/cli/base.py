@@ -19,15 +19,9 @@ def config_parser(prog: str, description: str | None) -> argparse.ArgumentParser
     return p
 
 
-def saved_config(sources: list[str], config: str | None, overrides: list[str]):
+def config_or_saved(sources: list[str], config: str | None, overrides: list[str]):
     """``--config`` with overrides when given, else the config saved beside the first source that has one."""
     from mm_ptft import checkpoint as ckpt
-    from mm_ptft.config import ConfigError, apply_overrides, config_from_dict, load_config
+    from mm_ptft.config import load_config
 
-    if config:
-        return load_config(config, overrides)
-    for source in sources:
-        data = ckpt.config_of(source)
-        if data is not None:
-            return config_from_dict(apply_overrides(data, overrides))
-    raise ConfigError(f"config: no config.yaml beside {' or '.join(sources)}; pass --config")
+    return load_config(config, overrides) if config else ckpt.saved_config(sources, overrides)

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from mm_ptft.cli.base import COMMANDS, saved_config
+from mm_ptft.cli.base import COMMANDS, config_or_saved
 
 
 @COMMANDS.register("eval")
@@ -124,7 +124,7 @@ def cmd_diff(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides of that config")
     args = p.parse_intermixed_args(argv)  # overrides may follow the options
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    cfg = saved_config([args.a, args.b], args.config, args.overrides)
+    cfg = config_or_saved([args.a, args.b], args.config, args.overrides)
     result = diff_towers(args.a, args.b, args.probe, cfg, args.tower, args.split, args.max_samples)
     out = Path(args.out) if args.out else (Path(args.b) / "diff" if Path(args.b).is_dir() else Path("diff"))
     out.mkdir(parents=True, exist_ok=True)

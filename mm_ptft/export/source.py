@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mm_ptft import checkpoint as ckpt
-from mm_ptft.config import Config, ConfigError, apply_overrides, config_from_dict
+from mm_ptft.config import Config, ConfigError
 
 
 class ExportError(RuntimeError):
@@ -179,12 +179,7 @@ def load_source(source: str | Path, cfg: Config | None = None, overrides: list[s
     path = Path(source).expanduser()
     if not path.exists():
         raise ckpt.CheckpointError(f"checkpoint: {path} does not exist")
-    if cfg is None:
-        data = ckpt.config_of(path)
-        if data is None:
-            raise ConfigError(f"config: no config.yaml beside {path}; pass --config")
-        cfg = config_from_dict(apply_overrides(data, list(overrides or [])))
-    cfg = copy.deepcopy(cfg)
+    cfg = copy.deepcopy(cfg if cfg is not None else ckpt.saved_config(path, overrides))
     # the checkpoint replaces every weight: never read (or require) the file the image tower was initialised from
     cfg.model.image.pretrained = None
     return ExportSource(path, cfg, read_weights(path))

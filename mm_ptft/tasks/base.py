@@ -132,14 +132,8 @@ def load_trained(source: str | Path, cfg: Config | None = None, overrides: list[
         ConfigError: no config beside the weights and none given; CheckpointError: weights that do not fit.
     """
     from mm_ptft import checkpoint as ckpt
-    from mm_ptft.config import apply_overrides, config_from_dict
 
-    if cfg is None:
-        data = ckpt.config_of(source)
-        if data is None:
-            raise ConfigError(f"config: no config.yaml beside {source}; pass --config")
-        cfg = config_from_dict(apply_overrides(data, list(overrides or [])))
-    configure_task(cfg)
+    cfg = configure_task(cfg if cfg is not None else ckpt.saved_config(source, overrides))
     task = create_task(for_loading(cfg))
     ckpt.load_model_weights(task.model, ckpt.load_weights(source), what=str(source))
     return cfg, task.eval()
