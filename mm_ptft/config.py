@@ -40,6 +40,8 @@ class ImageTowerConfig:
     pool: str | None = None  # timm global_pool ('avg', 'token', 'map', …); None keeps the model's default
     proj: Literal["linear", "mlp", "none"] = "linear"  # head from pooled features to the joint embedding
     proj_bias: bool = False
+    # FLIP: drop this fraction of the patch tokens at random in training (timm ViTs' patch_drop_rate); 0 at eval
+    patch_dropout: float = 0.0
     lock: bool = False  # freeze the tower (LiT) …
     lock_unlocked_groups: int = 0  # … except its last N layer groups (timm group_matcher blocks; head counts as one)
     lock_norm_stats: bool = False  # keep BatchNorm running stats frozen when locked (CNN towers)
@@ -77,6 +79,10 @@ class LossConfig:
     name: str = "clip"  # registered loss: 'clip' (InfoNCE) or 'siglip'
     local_loss: bool = False  # InfoNCE over local rows × all columns (less memory, same gradient)
     gather_with_grad: bool = True  # all-gather features with gradient (exact global-batch gradient)
+    # with deepspeed.grad_accum_steps > 1: 'cached' computes one loss over every micro-batch of every rank (each
+    # sample sees the global batch's negatives, exact gradient: GradCache); 'plain' sums k independent micro-batch
+    # losses (each sees micro-batch × ranks negatives only)
+    accumulation: Literal["cached", "plain"] = "cached"
 
 
 @dataclass
@@ -507,6 +513,7 @@ def validate(cfg: Config) -> None:
         (cfg.model.embed_dim > 0, "model.embed_dim must be > 0"),
         (cfg.model.text.context_length > 0, "model.text.context_length must be > 0"),
         (cfg.model.image.in_chans in (1, 3), "model.image.in_chans must be 1 or 3"),
+        (0.0 <= cfg.model.image.patch_dropout < 1.0, "model.image.patch_dropout must be in [0, 1)"),
         (
             math.isfinite(cfg.model.logit_scale_init) and cfg.model.logit_scale_init > 0,
             "model.logit_scale_init must be a positive number",

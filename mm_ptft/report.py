@@ -220,7 +220,8 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ``min_loss``/``min_loss_step``, ``nan_loss_steps`` (train records whose loss is not finite),
         ``median_samples_per_s`` (steady state, see :func:`steady_state_start`) and
         ``steady_state_from_step``, ``mean_data_wait_frac`` (all train records), ``samples``,
-        ``epoch``, ``bad_samples``, ``final_lr``, ``final_logit_scale``, ``final_logit_bias``,
+        ``epoch``, ``bad_samples``, ``final_lr``, ``final_logit_scale``, ``final_logit_bias``, ``negatives``
+        (each sample's negatives in a contrastive loss),
         ``eval`` (metric -> ``{"final", "final_step", "best", "best_step", "higher_is_better"}``) and
         ``summary`` (the last ``"summary"`` record without ``kind``/``time``, or ``{}``).
         Numbers that cannot be computed are None.
@@ -253,6 +254,7 @@ def _progress_stats(records: Sequence[Mapping[str, Any]], train: Sequence[Mappin
         "final_lr": _last(train, "lr"),
         "final_logit_scale": _last(train, "logit_scale"),
         "final_logit_bias": _last(train, "logit_bias"),
+        "negatives": _last(train, "negatives"),
     }
 
 
@@ -553,6 +555,8 @@ def _summary_md(stats: Mapping[str, Any], skipped: int) -> str:
         ("Final lr", fmt(stats["final_lr"])),
         ("Final logit scale", fmt(stats["final_logit_scale"])),
     ]
+    if stats.get("negatives") is not None:
+        rows.append(("Negatives per sample in the loss", fmt(stats["negatives"])))
     if stats["final_logit_bias"] is not None:
         rows.append(("Final logit bias", fmt(stats["final_logit_bias"])))
     rows.append(("Metrics records (unparseable lines skipped)", f"{stats['num_records']:,} ({skipped:,})"))

@@ -97,9 +97,25 @@ def recorded_keys(run_dir: Path, rank: int) -> list[tuple[int, list[str]]]:
     return [(r["step"], r["keys"]) for r in map(json.loads, lines)]
 
 
+def split_attempts(records: list[tuple[int, list[str]]], per_step: int = 1) -> list[list[tuple[int, list[str]]]]:
+    """Recorded (step, keys) of a run split into attempts (a resume starts a new one): where the step number goes
+    back, or repeats after all ``per_step`` micro-batches of that step were recorded."""
+    attempts: list[list[tuple[int, list[str]]]] = []
+    last, seen = None, 0
+    for step, keys in records:
+        if last is None or step < last or (step == last and seen == per_step):
+            attempts.append([])
+            seen = 0
+        seen = seen + 1 if step == last else 1
+        attempts[-1].append((step, keys))
+        last = step
+    return attempts
+
+
 def ema_overrides(stage: int) -> list[str]:
-    """The distributed reference runs keep a weight EMA under ZeRO-2 (ZeRO-3 cannot)."""
-    return ["train.ema_decay=0.9"] if stage == 2 else []
+    """The distributed resume runs under ZeRO-2 keep a weight EMA (ZeRO-3 cannot) and accumulate two micro-batches
+    per step (cached contrastive accumulation); ZeRO-3 takes one micro-batch per step."""
+    return ["train.ema_decay=0.9", "deepspeed.grad_accum_steps=2"] if stage == 2 else []
 
 
 def load_script(path: Path):

@@ -100,10 +100,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _comm_device(tensor: torch.Tensor) -> torch.device:
+    """Where a collective can take ``tensor``: NCCL moves only CUDA tensors (host-side counters go over and back)."""
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if get_world_size() > 1:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        out = tensor.to(_comm_device(tensor), copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        tensor = out.to(tensor.device)
     return tensor
 
 
@@ -124,15 +132,17 @@ def average_tensors(tensors: list[torch.Tensor]) -> None:
         return
     with torch.no_grad():
         for t in tensors:
-            total = t.detach().float().clone()
+            total = t.detach().float().to(_comm_device(t), copy=True)
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
             t.copy_(total / world)
 
 
 def all_reduce_max(value: float) -> float:
+    if get_world_size() == 1:
+        return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64)
-    if get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = t.to(_comm_device(t))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
 
@@ -147,15 +157,16 @@ def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     world = get_world_size()
     if world == 1:
         return tensor
-    n = torch.tensor([tensor.shape[0]], dtype=torch.long)
+    device = _comm_device(tensor)
+    n = torch.tensor([tensor.shape[0]], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
     sizes = [int(s.item()) for s in sizes]
-    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]), device=device)
     padded[: tensor.shape[0]] = tensor
     out = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(out, padded)
-    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+    return torch.cat([o[:s] for o, s in zip(out, sizes)]).to(tensor.device)
 
 
 def broadcast_object(obj, src: int = 0):

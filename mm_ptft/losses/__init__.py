@@ -4,11 +4,19 @@ Both reuse open_clip's implementations; this module adapts them to mm-ptft's mod
 Rank and world size are given by the caller (the task builder), so the loss never initialises a process group.
 A new loss is one class registered in ``LOSSES``: ``__init__(cfg, rank, world_size)``, ``forward(model output) ->
 {"loss"}``, and a ``check_config(cfg)`` classmethod for what it needs of the rest of the config.
+
+Feature-cached accumulation (``loss.accumulation=cached``, see ``mm_ptft.train.accumulate``) computes the loss once
+over the features of every micro-batch of every rank, on a single device, in row blocks. A loss takes part by
+saying which rows of the gathered batch this rank's loss covers (``rows``), what a block of them contributes
+(``rows_loss``), and how the ranks' gradients combine (``grad_reduction``); :func:`feature_gradients` does the rest.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
 from open_clip import loss as open_clip_loss
 from torch import nn
 
@@ -16,6 +24,11 @@ from mm_ptft.config import ConfigError, LossConfig
 from mm_ptft.registry import Registry
 
 LOSSES: Registry[nn.Module] = Registry("loss")
+
+# how the feature gradients of the ranks' losses combine into each rank's own: summed over ranks ("sum"), every
+# rank computes the same loss ("replicated": the sum is world × its own), or each rank's own only ("none")
+GradReduction = Literal["sum", "replicated", "none"]
+BLOCK_ELEMENTS = 2**22  # logits per block of rows in feature_gradients: 16 MiB in fp32
 
 
 def _features(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -44,6 +57,13 @@ class ClipLoss(nn.Module):
 
     def __init__(self, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__()
+        self.local_loss = cfg.local_loss
+        # how the ranks' feature gradients combine in cached accumulation, as open_clip's gather does in backward:
+        # with gradient, every rank's loss reaches every feature (summed); without, a rank's own features only
+        if not cfg.gather_with_grad:
+            self.grad_reduction: GradReduction = "none"
+        else:
+            self.grad_reduction = "sum" if cfg.local_loss else "replicated"
         self.impl = open_clip_loss.ClipLoss(
             local_loss=cfg.local_loss,
             gather_with_grad=cfg.gather_with_grad,
@@ -56,6 +76,20 @@ class ClipLoss(nn.Module):
         image, text, scale, bias = _features(out)
         with torch.autocast(image.device.type, enabled=False):
             return {"loss": self.impl(image, text, scale, bias)}
+
+    def rows(self, own: slice, total: int) -> slice:
+        """A local loss covers this rank's rows (against every column); the full loss, every row."""
+        return own if self.local_loss else slice(0, total)
+
+    def rows_loss(self, image, text, scale, bias, rows: slice, n_rows: int) -> torch.Tensor:
+        """Rows ``rows`` of both cross-entropies (image→text and text→image), as a share of a loss over ``n_rows``."""
+        labels = torch.arange(rows.start, rows.stop, device=image.device)
+        per_image = scale * image[rows] @ text.T
+        per_text = scale * text[rows] @ image.T
+        if bias is not None:
+            per_image, per_text = per_image + bias, per_text + bias
+        ce = F.cross_entropy(per_image, labels, reduction="sum") + F.cross_entropy(per_text, labels, reduction="sum")
+        return ce / (2 * n_rows)
 
 
 @LOSSES.register("siglip")
@@ -71,12 +105,64 @@ class SigLipLoss(nn.Module):
         super().__init__()
         self.impl = open_clip_loss.SigLipLoss(rank=rank, world_size=world_size)
 
+    # each rank scores its own images against every text, and the text features travel with gradient
+    grad_reduction: GradReduction = "sum"
+
     def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image, text, scale, bias = _features(out)
         if bias is None:
             raise ValueError("the siglip loss needs a logit bias: set model.logit_bias_init (e.g. -10)")
         with torch.autocast(image.device.type, enabled=False):
             return {"loss": self.impl(image, text, scale, bias)}
+
+    def rows(self, own: slice, total: int) -> slice:
+        return own
+
+    def rows_loss(self, image, text, scale, bias, rows: slice, n_rows: int) -> torch.Tensor:
+        """-Σ log σ(±(s·x·y + b)) over image rows ``rows`` × every text, divided by the ``n_rows`` images scored."""
+        logits = scale * image[rows] @ text.T + bias
+        signs = -torch.ones_like(logits)
+        signs[torch.arange(logits.shape[0]), torch.arange(rows.start, rows.stop)] = 1.0
+        return -F.logsigmoid(signs * logits).sum() / n_rows
+
+
+def feature_gradients(
+    loss: nn.Module,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    own: slice,
+    block_elements: int = BLOCK_ELEMENTS,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """This rank's loss over the gathered features of the whole batch, and its gradient with respect to each input.
+
+    ``image`` and ``text`` are (N, D) for all N pairs of the global batch (every micro-batch of every rank), ``own``
+    the rows this rank holds. The loss is evaluated in blocks of rows with at most ``block_elements`` logits each,
+    each block back-propagated before the next is built, so memory grows with N · block, never N². Returns the loss
+    (fp32 scalar, detached) and ``{"image_features", "text_features", "logit_scale", "logit_bias"}`` gradients.
+    """
+    leaves = {
+        "image_features": image.detach().float().requires_grad_(),
+        "text_features": text.detach().float().requires_grad_(),
+        "logit_scale": scale.detach().float().requires_grad_(),
+        "logit_bias": bias.detach().float().requires_grad_() if bias is not None else None,
+    }
+    n = leaves["image_features"].shape[0]
+    rows = loss.rows(own, n)
+    n_rows = rows.stop - rows.start
+    block = max(1, block_elements // n)
+    total = torch.zeros((), dtype=torch.float32, device=image.device)
+    args = [leaves[k] for k in ("image_features", "text_features", "logit_scale", "logit_bias")]
+    with torch.autocast(image.device.type, enabled=False), torch.enable_grad():
+        for start in range(rows.start, rows.stop, block):
+            part = loss.rows_loss(*args, slice(start, min(start + block, rows.stop)), n_rows)
+            part.backward()
+            total += part.detach()
+    grads = {
+        k: (v.grad if v.grad is not None else torch.zeros_like(v)) if v is not None else None for k, v in leaves.items()
+    }
+    return total, grads
 
 
 def create_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> nn.Module:

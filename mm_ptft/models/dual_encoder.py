@@ -61,14 +61,30 @@ class DualEncoder(nn.Module):
         image: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        pooled: dict[str, torch.Tensor] | None = None,
+        return_pooled: bool = False,
     ) -> dict[str, torch.Tensor]:
+        """Features of the towers given inputs. ``pooled`` holds a tower's trunk output computed before
+        (``{"image": …}``: a frozen trunk, forwarded once in cached accumulation): only its projection runs.
+        ``return_pooled`` adds the trunk outputs (``image_pooled``, ``text_pooled``) to the result."""
+        pooled = pooled or {}
         out = {"logit_scale": self.get_logit_scale()}
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias.float().squeeze(0)
-        if image is not None:
-            out["image_features"] = self.encode_image(image)
-        if input_ids is not None:
-            out["text_features"] = self.encode_text(input_ids, attention_mask)
+        if image is not None or "image" in pooled:
+            trunk = pooled.get("image")
+            if trunk is None:
+                trunk = self.image.forward_pooled(image.to(self.dtype))
+                if return_pooled:
+                    out["image_pooled"] = trunk
+            out["image_features"] = F.normalize(self.image.proj(trunk), dim=-1)
+        if input_ids is not None or "text" in pooled:
+            trunk = pooled.get("text")
+            if trunk is None:
+                trunk = self.text.forward_pooled(input_ids, attention_mask)
+                if return_pooled:
+                    out["text_pooled"] = trunk
+            out["text_features"] = F.normalize(self.text.proj(trunk), dim=-1)
         return out
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -20,6 +20,10 @@ def _create_trunk(cfg: ImageTowerConfig) -> nn.Module:
     kwargs.setdefault("in_chans", cfg.in_chans)
     if cfg.pool is not None:
         kwargs["global_pool"] = cfg.pool
+    if cfg.patch_dropout:
+        if "patch_drop_rate" in kwargs:
+            raise ConfigError("config: set patch dropout once: model.image.patch_dropout or kwargs.patch_drop_rate")
+        kwargs["patch_drop_rate"] = cfg.patch_dropout
     if cfg.pretrained is not None:
         path = Path(cfg.pretrained).expanduser()
         if not path.is_file():
@@ -34,11 +38,17 @@ def _create_trunk(cfg: ImageTowerConfig) -> nn.Module:
             return timm.create_model(cfg.name, num_classes=0, img_size=cfg.image_size, **kwargs)
         except TypeError as e:
             if "img_size" not in str(e):
-                raise ConfigError(f"config: model.image.kwargs rejected by timm '{cfg.name}': {e}") from None
+                raise _rejected(cfg, e) from None
     try:
         return timm.create_model(cfg.name, num_classes=0, **kwargs)
     except TypeError as e:
-        raise ConfigError(f"config: model.image.kwargs rejected by timm '{cfg.name}': {e}") from None
+        raise _rejected(cfg, e) from None
+
+
+def _rejected(cfg: ImageTowerConfig, e: TypeError) -> ConfigError:
+    if cfg.patch_dropout and "patch_drop_rate" in str(e):
+        return ConfigError(f"config: model.image.patch_dropout needs a timm ViT; '{cfg.name}' has no patch tokens")
+    return ConfigError(f"config: model.image.kwargs rejected by timm '{cfg.name}': {e}")
 
 
 def set_fused_attn(module: nn.Module, enable: bool) -> None:

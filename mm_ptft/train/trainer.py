@@ -32,6 +32,7 @@ from mm_ptft.distributed import (
 )
 from mm_ptft.eval import plan_eval, run_evaluators
 from mm_ptft.tasks import configure_task, create_task
+from mm_ptft.train.accumulate import create_accumulation, negatives_per_loss
 from mm_ptft.train.ema import WeightEMA
 from mm_ptft.train.logger import MetricsLogger
 from mm_ptft.train.optim import create_optimizer, create_scheduler
@@ -112,6 +113,9 @@ class Trainer:
         from mm_ptft.distributed.engine import build_ds_config, create_engine
 
         self.engine = create_engine(self.task, optimizer, scheduler, build_ds_config(cfg, self.world))
+        self.accumulation = create_accumulation(cfg, self.task, self.engine, self._to_device, self.device, self.rank)
+        self.negatives = negatives_per_loss(cfg, self.task, self.world, self.accumulation.cached)
+        self._say_how_batches_accumulate()
 
         self.step = 0
         self.best: dict | None = None  # {"step", "value"} of eval.select_metric's best evaluation
@@ -125,6 +129,24 @@ class Trainer:
             self._resume(self.resume_dir)
         else:
             torch.manual_seed(cfg.train.seed + 1 + self.rank)  # different dropout / drop-path noise per rank
+
+    def _say_how_batches_accumulate(self) -> None:
+        k = self.cfg.deepspeed.grad_accum_steps
+        if not is_main_process() or k == 1 or self.negatives is None:
+            return
+        if self.accumulation.cached:
+            print(
+                f"accumulation: cached over {k} micro-batches: one loss over the global batch of "
+                f"{self.global_batch} pairs ({self.negatives} negatives per sample)",
+                flush=True,
+            )
+        else:
+            print(
+                f"warning: loss.accumulation=plain sums {k} micro-batch losses, each with {self.negatives} negatives "
+                f"per sample, not the {self.global_batch - 1} of the global batch; loss.accumulation=cached "
+                "gives one loss over all of them",
+                flush=True,
+            )
 
     def _preflight(self) -> None:
         """Every check that needs no process group: fail here in one line, before ranks connect."""
@@ -217,18 +239,19 @@ class Trainer:
         return self._finish(stopped_early)
 
     def train_step(self, batches) -> tuple[dict, float]:
-        """One optimizer step (``grad_accum_steps`` micro-batches). Returns (metrics, seconds waiting for data)."""
-        data_time, metrics = 0.0, {}
-        for _ in range(self.cfg.deepspeed.grad_accum_steps):
+        """One optimizer step (``grad_accum_steps`` micro-batches, see train/accumulate.py). Returns (metrics,
+        seconds waiting for data)."""
+        data_time = 0.0
+
+        def next_batch() -> dict:
+            nonlocal data_time
             t = time.perf_counter()
             batch = next(batches)
             data_time += time.perf_counter() - t
             self._account(batch)
-            out = self.engine(self._to_device(batch))
-            self.engine.backward(out["loss"])
-            self.engine.step()
-            for k, v in out.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v.detach().float()) / self.cfg.deepspeed.grad_accum_steps
+            return batch
+
+        metrics = self.accumulation.step(next_batch)
         if self.ema is not None:
             self.ema.update(self.engine.module)
         self.step += 1
@@ -274,6 +297,8 @@ class Trainer:
             "bad_samples": bad,
             "peak_rss_mb": peak_rss_mb,  # the largest rank's peak resident memory
         }
+        if self.negatives is not None:
+            record["negatives"] = self.negatives  # each sample's negatives in the contrastive loss
         for group in optimizer.param_groups:
             if "name" in group:
                 record[f"lr/{group['name']}"] = group["lr"]
@@ -450,6 +475,8 @@ class Trainer:
                 ckpt.save_weights(best, self.run_dir / "best.safetensors", {"step": str(self.best["step"])})
         bad = int(all_reduce_sum(torch.tensor([float(sum(self.bad.values()))], dtype=torch.float64))[0].item())
         summary = {"step": self.step, "samples": self.step * self.global_batch, "bad_samples": bad}  # all ranks
+        if self.negatives is not None:
+            summary["negatives_per_loss"] = self.negatives
         summary.update(metrics)
         if self.best is not None:
             summary.update({"best_step": self.best["step"], f"best/{self.cfg.eval.select_metric}": self.best["value"]})

@@ -125,3 +125,57 @@ def test_two_rank_loss_and_gradients_equal_one_rank_full_batch(tmp_path):
         assert got["loss"] == pytest.approx(loss.item(), rel=1e-5), cfg
         for g_two, g_one in zip(got["grads"], grads):
             torch.testing.assert_close(torch.tensor(g_two), g_one.flatten(), atol=1e-6, rtol=1e-4, msg=str(cfg))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# feature_gradients: the loss of cached accumulation, computed in row blocks, against open_clip's one-batch loss
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _reference(cfg, image, text, scale, bias):
+    """open_clip's loss (through ours) on one device, and autograd's gradient of every input."""
+    leaves = [t.clone().requires_grad_() for t in (image, text, scale)] + (
+        [bias.clone().requires_grad_()] if bias is not None else []
+    )
+    out = {"image_features": leaves[0], "text_features": leaves[1], "logit_scale": leaves[2]}
+    if bias is not None:
+        out["logit_bias"] = leaves[3]
+    loss = create_loss(cfg)(out)["loss"]
+    loss.backward()
+    return loss.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize(
+    "name,local_loss,with_bias",
+    [("clip", False, False), ("clip", True, False), ("clip", False, True), ("siglip", False, True)],
+)
+@pytest.mark.parametrize("block_elements", [1, 37, 2**22])  # one row per block, ragged blocks, one block
+def test_feature_gradients_equal_the_one_batch_loss_and_gradients(name, local_loss, with_bias, block_elements):
+    from mm_ptft.losses import feature_gradients
+
+    image, text = _feats(n=12, d=8, seed=3)
+    scale = torch.tensor(9.0)
+    bias = torch.tensor(-4.0) if with_bias else None
+    cfg = LossConfig(name=name, local_loss=local_loss)
+    ref_loss, ref_grads = _reference(cfg, image, text, scale, bias)
+    loss, grads = feature_gradients(create_loss(cfg), image, text, scale, bias, slice(0, 12), block_elements)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    keys = ["image_features", "text_features", "logit_scale"] + (["logit_bias"] if with_bias else [])
+    for key, ref in zip(keys, ref_grads):
+        torch.testing.assert_close(grads[key].reshape(ref.shape), ref, rtol=1e-5, atol=1e-6, msg=key)
+    if not with_bias:
+        assert grads["logit_bias"] is None
+
+
+def test_feature_gradients_of_a_local_loss_cover_only_own_rows():
+    """Rank 1 of 2 with a local loss: its rows' share, i.e. half the sum over the two ranks' local losses."""
+    from mm_ptft.losses import feature_gradients
+
+    image, text = _feats(n=8, d=4, seed=5)
+    scale = torch.tensor(5.0)
+    loss_fn = create_loss(LossConfig(name="clip", local_loss=True))
+    parts = [feature_gradients(loss_fn, image, text, scale, None, own) for own in (slice(0, 4), slice(4, 8))]
+    full, full_grads = _reference(LossConfig(name="clip"), image, text, scale, None)
+    torch.testing.assert_close((parts[0][0] + parts[1][0]) / 2, full)  # mean of the ranks' losses = the global loss
+    summed = (parts[0][1]["image_features"] + parts[1][1]["image_features"]) / 2
+    torch.testing.assert_close(summed, full_grads[0])

@@ -182,3 +182,31 @@ def test_text_tower_layers_for_each_architecture(text_config):
     assert last <= trainable
     assert not any(p.requires_grad for p in layers[0].parameters())
     assert {n for n in trainable if n.startswith("proj.")}
+
+
+def test_flip_patch_dropout_drops_tokens_in_training_only():
+    """model.image.patch_dropout keeps (1 - p) of the patch tokens in training; evaluation sees them all and gives
+    exactly the outputs of the same weights without patch dropout."""
+    torch.manual_seed(0)
+    dropped = create_model(tiny_cfg("model.image.patch_dropout=0.5").model)
+    plain = create_model(tiny_cfg().model)
+    plain.load_state_dict(dropped.state_dict())
+    seen = []
+    dropped.image.trunk.blocks[0].register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    image = torch.randn(2, 3, 28, 28)
+    dropped.train()
+    dropped.encode_image(image)
+    dropped.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dropped.encode_image(image), plain.eval().encode_image(image))
+    prefix = dropped.image.trunk.num_prefix_tokens
+    assert seen == [prefix + 8, prefix + 16]  # 16 patches of 7 px on 28 px: 8 kept in training, 16 at eval
+
+
+def test_patch_dropout_on_a_cnn_is_a_config_error():
+    with pytest.raises(ConfigError, match="patch_dropout needs a timm ViT"):
+        create_model(
+            tiny_cfg("model.image.name=resnet18", "model.image.kwargs={}", "model.image.patch_dropout=0.5").model
+        )
+    with pytest.raises(ConfigError, match=r"patch_dropout must be in \[0, 1\)"):
+        tiny_cfg("model.image.patch_dropout=1.0")

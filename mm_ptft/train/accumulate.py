@@ -1,0 +1,189 @@
+"""Gradient accumulation: how one optimizer step is taken over ``deepspeed.grad_accum_steps`` micro-batches.
+
+``PlainAccumulation`` back-propagates each micro-batch's own loss (exact for losses that are a mean over samples:
+classification, detection). A contrastive loss is not: each micro-batch loss sees only its micro-batch × ranks of
+negatives, so k accumulated micro-batches are not one batch k times larger.
+
+``CachedAccumulation`` (GradCache, Gao et al. 2021) makes them one batch, exactly:
+
+1. every micro-batch is forwarded without gradient, tower by tower, and its features are cached; the random state
+   before each tower's forward is recorded (dropout, drop-path, patch dropout draw from it);
+2. the features of all micro-batches of all ranks are gathered, and the loss over the whole global batch and its
+   gradient with respect to every feature are computed once (``mm_ptft.losses.feature_gradients``, in row blocks);
+3. each micro-batch is forwarded again with gradient, from the recorded random states (so the same dropout masks),
+   and back-propagated through the DeepSpeed engine with its cached feature gradient:
+   ``backward(Σ feature · gradient)``. ZeRO 0–3, bf16, clipping and the optimizer step work as for any backward.
+
+A tower whose trunk does not train (LiT's locked image tower, its projection trainable) runs its trunk once: the
+first pass keeps the trunk's pooled output, the second runs only the projection on it. Floating-point buffers
+(BatchNorm statistics) are restored after the first pass, so they advance once per micro-batch, as in plain
+accumulation. Peak memory is one micro-batch's activations plus the cached features and inputs of the step: the
+global batch is bounded by time, not memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from mm_ptft.distributed import all_gather_tensor, all_reduce_sum
+from mm_ptft.losses import feature_gradients
+
+Batch = dict
+NextBatch = Callable[[], Batch]
+
+
+@runtime_checkable
+class FeatureCachedTask(Protocol):
+    """What cached accumulation needs of a task: named towers and their output features; a forward that runs
+    only some of them (``forward(batch, towers=(…), return_pooled=…)``) and takes a frozen trunk's cached output as
+    ``batch["{tower}_pooled"]``; the towers whose trunk does not train; and a loss that takes part in
+    :func:`mm_ptft.losses.feature_gradients`."""
+
+    towers: dict[str, str]
+    loss: nn.Module
+
+    def frozen_trunks(self) -> set[str]: ...
+
+
+class PlainAccumulation:
+    """k micro-batch losses, each back-propagated on its own (DeepSpeed scales each by 1/k)."""
+
+    cached = False
+
+    def __init__(self, engine, steps: int, to_device: Callable[[Batch], Batch]):
+        self.engine, self.steps, self.to_device = engine, steps, to_device
+
+    def step(self, next_batch: NextBatch) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for _ in range(self.steps):
+            out = self.engine(self.to_device(next_batch()))
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            for k, v in out.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v.detach().float()) / self.steps
+        return metrics
+
+
+class _RandomState:
+    """The global generators dropout and friends draw from: the CPU one, and the accelerator's."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def get(self):
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.cuda else None
+
+    def set(self, state) -> None:
+        torch.set_rng_state(state[0])
+        if self.cuda:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+
+class CachedAccumulation:
+    """One loss over every micro-batch of every rank, exact gradient (see the module docstring)."""
+
+    cached = True
+
+    def __init__(
+        self, engine, task: FeatureCachedTask, steps: int, to_device: Callable[[Batch], Batch], device, rank: int
+    ):
+        self.engine, self.task, self.steps, self.to_device, self.rank = engine, task, steps, to_device, rank
+        self.rng = _RandomState(torch.device(device))
+
+    def step(self, next_batch: NextBatch) -> dict[str, float]:
+        task, engine = self.task, self.engine
+        towers = list(task.towers)
+        frozen = task.frozen_trunks()
+        micro, states, features, trunks, sizes = [], [], {t: [] for t in towers}, [], []
+        buffers = {name: b.clone() for name, b in task.named_buffers()}
+        with torch.no_grad():
+            for _ in range(self.steps):
+                batch = next_batch()
+                micro.append(batch)  # kept as the loader gave it (host memory); moved to the device per forward
+                on_device = self.to_device(batch)
+                states.append({})
+                trunks.append({})
+                for t in towers:
+                    states[-1][t] = self.rng.get()
+                    out = engine(on_device, towers=(t,), return_pooled=t in frozen)
+                    features[t].append(out[task.towers[t]].float())
+                    if t in frozen:  # the projection alone runs again, from the trunk's output
+                        trunks[-1][f"{t}_pooled"] = out[f"{t}_pooled"]
+                sizes.append(features[towers[0]][-1].shape[0])
+        end_state = self.rng.get()
+        for name, b in task.named_buffers():  # BatchNorm statistics advance in the gradient pass only
+            b.copy_(buffers[name])
+
+        grads, loss = self._feature_gradients(features, out)
+        offsets = [0]
+        for n in sizes:
+            offsets.append(offsets[-1] + n)
+        for j, batch in enumerate(micro):
+            on_device = self.to_device(batch) | trunks[j]
+            part = None
+            for t in towers:
+                self.rng.set(states[j][t])
+                out = engine(on_device, towers=(t,))
+                term = (out[task.towers[t]].float() * grads[t][offsets[j] : offsets[j + 1]]).sum()
+                if term.requires_grad:  # a frozen trunk under a projection that has no parameter: a constant
+                    part = term if part is None else part + term
+            for key in ("logit_scale", "logit_bias"):
+                if grads.get(key) is not None:  # their gradient spread evenly so every micro-step reaches them
+                    term = (out[key].float() * grads[key] / self.steps).sum()
+                    part = term if part is None else part + term
+            # the feature gradients already hold the whole step's loss: no 1/k scaling by DeepSpeed
+            engine.backward(part, scale_wrt_gas=False)
+            engine.step()
+        self.rng.set(end_state)
+        metrics = {"loss": float(loss)}
+        for key in ("logit_scale", "logit_bias"):
+            if key in out:
+                metrics[key] = float(out[key].detach().float())
+        return metrics
+
+    def _feature_gradients(self, features: dict, out: dict) -> tuple[dict, torch.Tensor]:
+        """This rank's share of the global-batch loss and the gradient of every feature it owns."""
+        task = self.task
+        image_key, text_key = task.towers["image"], task.towers["text"]
+        local = {t: torch.cat(f) for t, f in features.items()}
+        n_local = local["image"].shape[0]
+        sizes = all_gather_tensor(torch.tensor([n_local], device=local["image"].device))
+        start = int(sizes[: self.rank].sum().item())  # gathered in rank order
+        own = slice(start, start + n_local)
+        gathered = {t: all_gather_tensor(f) for t, f in local.items()}
+        loss, grads = feature_gradients(
+            task.loss, gathered["image"], gathered["text"], out["logit_scale"], out.get("logit_bias"), own
+        )
+        world = sizes.numel()
+        by_tower = {}
+        for t, key in (("image", image_key), ("text", text_key)):
+            g = grads[key]
+            if world > 1 and task.loss.grad_reduction == "sum":
+                g = all_reduce_sum(g)
+            elif world > 1 and task.loss.grad_reduction == "replicated":
+                g = g * world
+            by_tower[t] = g[own]
+        by_tower["logit_scale"], by_tower["logit_bias"] = grads["logit_scale"], grads["logit_bias"]
+        return by_tower, loss
+
+
+def create_accumulation(cfg, task: nn.Module, engine, to_device: Callable[[Batch], Batch], device, rank: int):
+    """Cached accumulation for a contrastive task with ``loss.accumulation=cached`` (the default) and more than one
+    micro-batch per step; plain otherwise."""
+    steps = cfg.deepspeed.grad_accum_steps
+    if steps > 1 and isinstance(task, FeatureCachedTask) and cfg.loss.accumulation == "cached":
+        return CachedAccumulation(engine, task, steps, to_device, device, rank)
+    return PlainAccumulation(engine, steps, to_device)
+
+
+def negatives_per_loss(cfg, task: nn.Module, world: int, cached: bool) -> int | None:
+    """How many negatives each sample of a contrastive loss is scored against (None for other tasks)."""
+    if not isinstance(task, FeatureCachedTask):
+        return None
+    pairs = cfg.data.batch_size * world * (cfg.deepspeed.grad_accum_steps if cached else 1)
+    return pairs - 1
