@@ -123,9 +123,8 @@ def worker(mode: str, micro: int, sizes: list[int], cap_mb: float, out: Path) ->
             }
         )
         if info.rank == 0:
-            r = rows[-1]
-            print(f"{mode} {global_batch}: peak {peak:.0f} MB, {seconds:.1f} s ({r['s_per_sample'] * 1e3:.2f} ms/sample)",
-                  flush=True)  # fmt: skip
+            ms = rows[-1]["s_per_sample"] * 1e3
+            print(f"{mode} {global_batch}: peak {peak:.0f} MB, {seconds:.1f} s ({ms:.2f} ms/sample)", flush=True)
         if mode == "single" and base + 2 * (peak - base) > cap_mb:
             break  # the next doubling would pass the cap: stop before the machine swaps
     if info.rank == 0:

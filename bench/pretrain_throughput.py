@@ -40,6 +40,8 @@ VARIANTS = {
     "amp_bf16": ["deepspeed.precision=amp_bf16"],  # fp32 weights + autocast (open_clip's numerics)
     "no-workers": ["data.workers=0"],  # decode + tokenize in the training process
     "2-workers": ["data.workers=2"],
+    "patch-drop-50": ["model.image.patch_dropout=0.5"],  # FLIP: half the patch tokens dropped in training
+    "patch-drop-75": ["model.image.patch_dropout=0.75"],
 }
 
 
