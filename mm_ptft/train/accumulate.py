@@ -29,6 +29,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from mm_ptft.config import ConfigError
 from mm_ptft.distributed import all_gather_tensor, all_reduce_sum
 from mm_ptft.losses import feature_gradients
 
@@ -177,6 +178,12 @@ def create_accumulation(cfg, task: nn.Module, engine, to_device: Callable[[Batch
     micro-batch per step; plain otherwise."""
     steps = cfg.deepspeed.grad_accum_steps
     if steps > 1 and isinstance(task, FeatureCachedTask) and cfg.loss.accumulation == "cached":
+        missing = [m for m in ("rows", "rows_loss", "grad_reduction") if not hasattr(task.loss, m)]
+        if missing:
+            raise ConfigError(
+                f"config: loss.name={cfg.loss.name} has no {', '.join(missing)} for loss.accumulation=cached "
+                "(see mm_ptft.losses.feature_gradients); set loss.accumulation=plain"
+            )
         return CachedAccumulation(engine, task, steps, to_device, device, rank)
     return PlainAccumulation(engine, steps, to_device)
 

@@ -115,3 +115,19 @@ def test_trainer_step_of_4_cached_micro_batches_equals_one_batch_of_32(fmnist_ti
     assert train[cached]["loss"] == pytest.approx(train[big]["loss"], abs=1e-5)
     assert (train[big]["negatives"], train[cached]["negatives"], train[plain]["negatives"]) == (31, 31, 7)
     assert "| Negatives per sample in the loss | 31 |" in (cached / "report.md").read_text()
+
+
+def test_a_loss_without_cached_support_is_a_one_line_config_error():
+    from helpers import tiny_cfg
+
+    from mm_ptft.config import ConfigError
+    from mm_ptft.tasks import create_task
+    from mm_ptft.train.accumulate import PlainAccumulation, create_accumulation
+
+    cfg = tiny_cfg("deepspeed.grad_accum_steps=2")
+    task = create_task(cfg)
+    task.loss = torch.nn.Identity()  # a user's loss with forward() only
+    with pytest.raises(ConfigError, match="has no rows, rows_loss, grad_reduction .* set loss.accumulation=plain"):
+        create_accumulation(cfg, task, None, lambda b: b, "cpu", 0)
+    cfg.loss.accumulation = "plain"
+    assert isinstance(create_accumulation(cfg, task, None, lambda b: b, "cpu", 0), PlainAccumulation)
