@@ -71,20 +71,19 @@ class DualEncoder(nn.Module):
         out = {"logit_scale": self.get_logit_scale()}
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias.float().squeeze(0)
-        if image is not None or "image" in pooled:
-            trunk = pooled.get("image")
+        inputs = {
+            "image": (image.to(self.dtype),) if image is not None else None,
+            "text": (input_ids, attention_mask) if input_ids is not None else None,
+        }
+        for name, args in inputs.items():
+            tower, trunk = getattr(self, name), pooled.get(name)
+            if trunk is None and args is None:
+                continue
             if trunk is None:
-                trunk = self.image.forward_pooled(image.to(self.dtype))
+                trunk = tower.forward_pooled(*args)
                 if return_pooled:
-                    out["image_pooled"] = trunk
-            out["image_features"] = F.normalize(self.image.proj(trunk), dim=-1)
-        if input_ids is not None or "text" in pooled:
-            trunk = pooled.get("text")
-            if trunk is None:
-                trunk = self.text.forward_pooled(input_ids, attention_mask)
-                if return_pooled:
-                    out["text_pooled"] = trunk
-            out["text_features"] = F.normalize(self.text.proj(trunk), dim=-1)
+                    out[f"{name}_pooled"] = trunk
+            out[f"{name}_features"] = F.normalize(tower.proj(trunk), dim=-1)
         return out
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -126,19 +126,18 @@ class CachedAccumulation:
             offsets.append(offsets[-1] + n)
         for j, batch in enumerate(micro):
             on_device = self.to_device(batch) | trunks[j]
-            part = None
+            terms = []
             for t in towers:
                 self.rng.set(states[j][t])
                 out = engine(on_device, towers=(t,))
                 term = (out[task.towers[t]].float() * grads[t][offsets[j] : offsets[j + 1]]).sum()
                 if term.requires_grad:  # a frozen trunk under a projection that has no parameter: a constant
-                    part = term if part is None else part + term
+                    terms.append(term)
             for key in ("logit_scale", "logit_bias"):
                 if grads.get(key) is not None:  # their gradient spread evenly so every micro-step reaches them
-                    term = (out[key].float() * grads[key] / self.steps).sum()
-                    part = term if part is None else part + term
+                    terms.append((out[key].float() * grads[key] / self.steps).sum())
             # the feature gradients already hold the whole step's loss: no 1/k scaling by DeepSpeed
-            engine.backward(part, scale_wrt_gas=False)
+            engine.backward(sum(terms), scale_wrt_gas=False)
             engine.step()
         self.rng.set(end_state)
         metrics = {"loss": float(loss)}
