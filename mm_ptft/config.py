@@ -97,8 +97,29 @@ class ImageTransformConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a training mixture (``data.train: [{path: …, weight: …}, …]``)."""
+
+    path: str  # a dataset dir or a shard pattern, local or remote (http(s)://, s3://, pipe:)
+    weight: float = 1.0  # share of the samples drawn from this source (weights are normalised over the sources)
+    split: str | None = None  # split inside a dataset dir; None → data.train_split
+    name: str | None = None  # the source's name in metrics and the report; None → derived from the path
+
+
+@dataclass
+class RemoteConfig:
+    """How remote shards (http(s)://, s3://, other fsspec URLs) are read: bounded retries, never a hang."""
+
+    timeout_s: float = 60.0  # a connect or read that waits longer than this fails (then is retried)
+    retries: int = 3  # attempts after the first for one shard (a failed read resumes at the byte it stopped at)
+    backoff_s: float = 1.0  # wait before retry i is backoff_s × 2^i (capped at 30 s)
+
+
+@dataclass
 class DataConfig:
-    train: str | None = None  # shard pattern (brace-expanded) or a dataset dir written by data_tools (+ split)
+    # a shard pattern (brace-expanded) or a dataset dir written by data_tools (+ split), local or remote; or a list
+    # of weighted sources, each one of those, mixed sample by sample in proportion to their weights
+    train: str | list[SourceConfig] | None = None
     train_split: str = "train"  # split inside a dataset dir
     num_samples: int | None = None  # samples per epoch; None → sizes.json of the shards
     resampled: bool = False  # draw shards with replacement (web-scale) instead of a permutation per epoch
@@ -112,6 +133,7 @@ class DataConfig:
     caption_key: str = "txt"
     max_caption_chars: int = 4096  # longer captions count as bad samples (a guard against garbage)
     image: ImageTransformConfig = field(default_factory=ImageTransformConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mm_ptft.config import DataConfig
+from mm_ptft.config import DataConfig, RemoteConfig
 from mm_ptft.data.decode import BadSampleLog
 from mm_ptft.data.shards import DataError, ShardSet
 from mm_ptft.data.stream import StreamSpec, read_tar, worker_stream
@@ -101,6 +101,7 @@ class TrainStream(IterableDataset):
             group_size=self.cfg.shuffle_group,
             shuffle=self.cfg.shuffle,
             resampled=self.cfg.resampled,
+            remote=self.cfg.remote,
         )
         log = BadSampleLog()
         items: list[dict] = []
@@ -141,10 +142,11 @@ class EvalStream(IterableDataset):
         world_size: int,
         num_workers: int,
         max_samples: int | None = None,
+        remote: RemoteConfig | None = None,
     ):
         self.shards, self.decode, self.collate = shards, decode, collate
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
-        self.max_samples = max_samples
+        self.max_samples, self.remote = max_samples, remote
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -155,7 +157,7 @@ class EvalStream(IterableDataset):
         items: list[dict] = []
         index = 0
         for url in self.shards.urls:
-            for raw in read_tar(url, log):
+            for raw in read_tar(url, log, self.remote):
                 if self.max_samples is not None and index >= self.max_samples:
                     break
                 index += 1

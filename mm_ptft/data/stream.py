@@ -27,6 +27,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from mm_ptft.config import RemoteConfig
+
 # webdataset's key rule: the key is the path up to the first '.' of the basename; the rest is the field name.
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
@@ -41,6 +43,7 @@ class StreamSpec:
     group_size: int = 2
     shuffle: bool = True
     resampled: bool = False
+    remote: RemoteConfig | None = None  # timeouts and retries for remote shards (None → RemoteConfig defaults)
 
 
 @lru_cache(maxsize=8)
@@ -85,7 +88,7 @@ def split_key(name: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2).lower()) if match else None
 
 
-def read_tar(url: str, on_error: ErrorCallback) -> Iterator[dict]:
+def read_tar(url: str, on_error: ErrorCallback, remote: RemoteConfig | None = None) -> Iterator[dict]:
     """Yield raw samples ``{"__key__", "__url__", field: bytes}`` of one shard, grouping members by key."""
     try:
         if url.startswith("pipe:") or "://" in url:
@@ -131,7 +134,7 @@ def worker_stream(
     group, offset = start
     empty_groups = 0
     while True:
-        samples = [s for url in group_shards(spec, worker, group) for s in read_tar(url, on_error)]
+        samples = [s for url in group_shards(spec, worker, group) for s in read_tar(url, on_error, spec.remote)]
         empty_groups = 0 if samples else empty_groups + 1
         if empty_groups * spec.group_size > 2 * len(spec.urls) + spec.group_size:
             # every shard has come round at least twice without a sample: nothing is readable

@@ -70,6 +70,7 @@ class EvalPlan:
                 world_size,
                 max(workers, 1),
                 max_samples,
+                cfg.data.remote,
             )
             return make_loader(dataset, workers, cfg.data.prefetch)
 
