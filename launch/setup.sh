@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
 [ -d /usr/share/games/fortunes ] || need_apt+=(fortunes)
+[ -d /usr/share/openclipart/png ] || need_apt+=(openclipart-png)
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   echo "setup: apt-get install ${need_apt[*]}"
