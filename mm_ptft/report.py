@@ -592,6 +592,53 @@ def _run_summary_md(summary: Mapping[str, Any]) -> str:
     return "## Final summary record\n\n" + _table(("key", "value"), rows)
 
 
+_SOURCE_KEY = re.compile(r"^data/(.+)/(samples|bad)$")
+
+
+def _sources_md(records: Sequence[Mapping[str, Any]], run_dir: Path) -> str:
+    """A mixture's sources: configured share (``data.train`` weights in config.yaml), raw samples read, the share
+    they make, bad samples, from the last record that counts them (the summary, else the last train record)."""
+    counted = [r for r in records if r.get("kind") in ("summary", "train") and any(map(_SOURCE_KEY.match, r))]
+    if not counted:
+        return ""
+    last = next((r for r in reversed(counted) if r.get("kind") == "summary"), counted[-1])
+    counts: dict[str, dict[str, float]] = {}
+    for key, value in last.items():
+        match = _SOURCE_KEY.match(key)
+        if match and _num(value) is not None:
+            counts.setdefault(match.group(1), {})[match.group(2)] = float(value)
+    weights: dict[str, float] = {}
+    path = run_dir / CONFIG_FILE
+    if path.is_file():
+        import yaml
+
+        train = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("train")
+        if isinstance(train, list):
+            total = sum(float(e.get("weight", 1.0)) for e in train)
+            weights = {str(e.get("name")): float(e.get("weight", 1.0)) / total for e in train if e.get("name")}
+    read = sum(c.get("samples", 0.0) for c in counts.values()) or 1.0
+    rows = [
+        (
+            fmt(name),
+            f"{weights[name]:.3f}" if name in weights else "n/a",
+            fmt(int(c.get("samples", 0))),
+            f"{c.get('samples', 0.0) / read:.3f}",
+            fmt(int(c.get("bad", 0))),
+        )
+        for name, c in counts.items()
+    ]
+    note = (
+        f"Raw samples drawn from each source up to step {fmt(last.get('step'))}, all ranks (bad samples included: "
+        "the weights apply to draws)."
+    )
+    return (
+        "## Data sources\n\n"
+        + note
+        + "\n\n"
+        + _table(("source", "weight", "samples read", "share read", "bad samples"), rows)
+    )
+
+
 def _image_md(caption: str, rel: str) -> str:
     # Percent-encode so file names with spaces or parentheses still render as links.
     return f"![{caption}]({quote(rel)})"
@@ -699,6 +746,7 @@ def write_report(
         _header_md(run_dir),
         _summary_md(stats, skipped),
         _eval_md(stats["eval"]),
+        _sources_md(records, run_dir),
         _run_summary_md(stats["summary"]),
         _plots_md(plots, run_dir),
         _sections_md(sections or {}),

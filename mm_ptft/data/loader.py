@@ -17,7 +17,8 @@ a restored position yields exactly the batches an uninterrupted run would have y
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,21 +26,28 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mm_ptft.config import DataConfig, RemoteConfig
 from mm_ptft.data.decode import BadSampleLog
+from mm_ptft.data.mix import Source, mixture_specs, mixture_stream, start_position
 from mm_ptft.data.shards import DataError, ShardSet
 from mm_ptft.data.stream import StreamSpec, read_tar, worker_stream
 
 
 @dataclass
 class DataPosition:
-    """Where each logical worker of this rank stands, and how many batches the rank has consumed."""
+    """Where each logical worker of this rank stands, and how many batches the rank has consumed.
+
+    A worker's position is ``(group, offset)`` in its shard stream for one source, and ``(draws, ((group, offset)
+    of each source, …))`` for a mixture (:mod:`mm_ptft.data.mix`); ``sources`` names a mixture's sources, so a
+    resume with other sources fails in one line instead of reading other samples."""
 
     world_size: int
     num_workers: int  # logical workers per rank (max(DataLoader workers, 1))
     batches: int = 0
-    positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+    positions: dict[int, tuple] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)  # a mixture's source names, in order ([] for one source)
 
     def update(self, state: dict) -> None:
-        self.positions[int(state["worker"])] = tuple(state["position"])
+        # through DataLoader workers a position's tuples arrive as lists: keep them as tuples
+        self.positions[int(state["worker"])] = _from_json(state["position"])
         self.batches += 1
 
     @property
@@ -49,22 +57,49 @@ class DataPosition:
         return self.batches % self.num_workers
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "world_size": self.world_size,
             "num_workers": self.num_workers,
             "batches": self.batches,
-            "positions": {str(k): list(v) for k, v in self.positions.items()},
+            "positions": {str(k): _to_json(v) for k, v in self.positions.items()},
         }
+        if self.sources:
+            state["sources"] = list(self.sources)
+        return state
 
     @classmethod
-    def from_state_dict(cls, state: dict, world_size: int, num_workers: int) -> DataPosition:
+    def from_state_dict(
+        cls, state: dict, world_size: int, num_workers: int, sources: Sequence[str] = ()
+    ) -> DataPosition:
         if state["world_size"] != world_size or state["num_workers"] != num_workers:
             raise DataError(
                 f"data: the checkpoint's stream ran on {state['world_size']} ranks × {state['num_workers']} workers, "
                 f"this run has {world_size} × {num_workers}; resume with the same layout to continue the same samples"
             )
-        positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["positions"].items()}
-        return cls(world_size, num_workers, int(state["batches"]), positions)
+        saved = list(state.get("sources", []))
+        if saved != list(sources):
+
+            def show(names):
+                return ", ".join(names) if names else "one source"
+
+            raise DataError(
+                f"data: the checkpoint's stream read [{show(saved)}], this run's data.train has [{show(sources)}]; "
+                "resume with the same sources in the same order to continue the same samples"
+            )
+        positions = {int(k): _from_json(v) for k, v in state["positions"].items()}
+        return cls(world_size, num_workers, int(state["batches"]), positions, list(sources))
+
+
+def _to_json(position: tuple) -> list:
+    if isinstance(position[1], (tuple, list)):  # a mixture's (draws, per-source positions)
+        return [int(position[0]), [[int(g), int(o)] for g, o in position[1]]]
+    return [int(position[0]), int(position[1])]
+
+
+def _from_json(value: list | tuple) -> tuple:
+    if isinstance(value[1], (tuple, list)):
+        return int(value[0]), tuple((int(g), int(o)) for g, o in value[1])
+    return int(value[0]), int(value[1])
 
 
 def _sample_seed(*parts: int) -> int:
@@ -73,11 +108,15 @@ def _sample_seed(*parts: int) -> int:
 
 
 class TrainStream(IterableDataset):
-    """Infinite training batches of one rank; each DataLoader worker is one logical worker of the stream."""
+    """Infinite training batches of one rank; each DataLoader worker is one logical worker of the stream.
+
+    ``sources`` are the resolved ``data.train`` sources: one is read as its shard stream, several are mixed by
+    weight (:mod:`mm_ptft.data.mix`). Each batch's ``_state`` carries, besides the position, the raw samples and bad
+    samples read per source (``sources: {name: {"samples", "bad"}}``)."""
 
     def __init__(
         self,
-        shards: ShardSet,
+        sources: list[Source] | ShardSet,
         cfg: DataConfig,
         decode: Callable[[dict, BadSampleLog, torch.Generator], dict | None],
         collate: Callable[[list[dict]], dict],
@@ -85,8 +124,32 @@ class TrainStream(IterableDataset):
         rank: int,
         position: DataPosition,
     ):
-        self.shards, self.cfg, self.decode, self.collate = shards, cfg, decode, collate
+        if isinstance(sources, ShardSet):
+            sources = [Source(name="train", shards=sources)]
+        self.sources, self.cfg, self.decode, self.collate = sources, cfg, decode, collate
         self.seed, self.rank, self.position = seed, rank, position
+
+    def _raw(self, logical: int, local: int, logs: list[BadSampleLog]) -> Iterator[tuple[dict, int, tuple, tuple]]:
+        """(raw sample, source index, position after it, the sample's augmentation seed parts)."""
+        base = StreamSpec(
+            urls=tuple(self.sources[0].shards.urls),
+            seed=self.seed,
+            n_workers=self.position.world_size * self.position.num_workers,
+            group_size=self.cfg.shuffle_group,
+            shuffle=self.cfg.shuffle,
+            resampled=self.cfg.resampled,
+            remote=self.cfg.remote,
+        )
+        if len(self.sources) == 1:  # the plain shard stream: positions and samples as before mixtures existed
+            start = self.position.positions.get(local, (0, 0))
+            for raw, position in worker_stream(base, logical, start, logs[0]):
+                yield raw, 0, position, position
+            return
+        specs = mixture_specs(self.sources, base)
+        start = self.position.positions.get(local, start_position(len(specs)))
+        weights = [s.weight for s in self.sources]
+        for raw, i, position in mixture_stream(specs, weights, logical, start, logs, self.seed):
+            yield raw, i, position, (i, *position[1][i])
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -94,39 +157,38 @@ class TrainStream(IterableDataset):
         physical = info.id if info is not None else 0
         local = (physical + self.position.rotation) % n_local
         logical = self.rank * n_local + local
-        spec = StreamSpec(
-            urls=tuple(self.shards.urls),
-            seed=self.seed,
-            n_workers=self.position.world_size * n_local,
-            group_size=self.cfg.shuffle_group,
-            shuffle=self.cfg.shuffle,
-            resampled=self.cfg.resampled,
-            remote=self.cfg.remote,
-        )
-        log = BadSampleLog()
+        logs = [BadSampleLog() for _ in self.sources]
         items: list[dict] = []
-        consumed = 0
-        for raw, (group, offset) in worker_stream(spec, logical, self.position.positions.get(local, (0, 0)), log):
-            consumed += 1
+        consumed = [0] * len(self.sources)
+        for raw, source, position, where in self._raw(logical, local, logs):
+            consumed[source] += 1
             # augmentation randomness is a function of the sample's stream position: identical after a resume, and
             # drawn from the sample's own generator, so decoding in the training process (workers=0) leaves its RNG
             # (dropout, drop-path) alone
-            generator = torch.Generator().manual_seed(_sample_seed(self.seed, logical, group, offset))
-            decoded = self.decode(raw, log, generator)
+            generator = torch.Generator().manual_seed(_sample_seed(self.seed, logical, *where))
+            decoded = self.decode(raw, logs[source], generator)
             if decoded is None:
                 continue
             items.append(decoded)
             if len(items) == self.cfg.batch_size:
                 batch = self.collate(items)
-                bad = log.take()
+                bad: Counter = Counter()
+                per_source = {}
+                for s, log, n in zip(self.sources, logs, consumed):
+                    counts = log.take()
+                    bad.update(counts)
+                    # a shard that fails to open or breaks off counts as one sample read (and bad)
+                    read = n + sum(v for k, v in counts.items() if k in ("tar_error", "shard_open_error"))
+                    per_source[s.name] = {"samples": read, "bad": sum(counts.values())}
                 batch["_state"] = {
                     "worker": local,
-                    "position": (group, offset),
-                    "samples": consumed + sum(v for k, v in bad.items() if k in ("tar_error", "shard_open_error")),
-                    "bad": bad,
+                    "position": position,
+                    "samples": sum(v["samples"] for v in per_source.values()),
+                    "bad": dict(bad),
+                    "sources": per_source,
                 }
                 yield batch
-                items, consumed = [], 0
+                items, consumed = [], [0] * len(self.sources)
 
 
 class EvalStream(IterableDataset):
@@ -182,5 +244,11 @@ def make_loader(dataset: IterableDataset, workers: int, prefetch: int) -> DataLo
     kwargs = {"prefetch_factor": prefetch, "worker_init_fn": _worker_init} if workers > 0 else {}
     # an own generator: creating the iterator must not draw from the global RNG, or a resumed run's dropout noise
     # would drift from the uninterrupted run's (sample randomness is seeded by stream position instead)
-    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                      generator=torch.Generator().manual_seed(0), **kwargs)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    )

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from mm_ptft.config import Config, ConfigError
 from mm_ptft.data import resolve_shards
 from mm_ptft.data.classes import check_labels, resolve_classes
+from mm_ptft.data.mix import source_paths
 from mm_ptft.finetune.init import head_input_of, load_tower, zeroshot_head
 from mm_ptft.finetune.policy import apply_policy
 from mm_ptft.models import ImageTower, TextTower
@@ -27,7 +28,7 @@ from mm_ptft.tasks.base import TASKS, Task, check_text_tower
 def _dataset_metas(cfg: Config) -> list[tuple[dict, str]]:
     """dataset.json of the training data, then of the held-out data (those that exist)."""
     metas = []
-    for spec, split in ((cfg.data.train, cfg.data.train_split), (cfg.eval.data, cfg.eval.split)):
+    for spec, split in (*source_paths(cfg.data), (cfg.eval.data, cfg.eval.split)):
         if spec:
             meta = resolve_shards(spec, split).meta
             if meta:

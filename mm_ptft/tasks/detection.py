@@ -102,12 +102,19 @@ class DetectionTask(Task):
         data."""
         from mm_ptft import checkpoint as ckpt
         from mm_ptft.data import resolve_shards
+        from mm_ptft.data.mix import source_paths
         from mm_ptft.data.stats import image_norm_stats
         from mm_ptft.finetune.init import tower_state
         from mm_ptft.models import use_fused_attn
 
         det = cfg.detection
-        shards = resolve_shards(cfg.data.train, cfg.data.train_split) if cfg.data.train else None
+        if isinstance(cfg.data.train, list) and len(cfg.data.train) > 1:
+            raise ConfigError(
+                "config: data.train: the detection task reads one source (its categories define the classes); "
+                "a weighted mixture is for image-text pretraining"
+            )
+        paths = source_paths(cfg.data)
+        shards = resolve_shards(*paths[0]) if paths else None
         categories = resolve_categories(cfg, shards)
         mean, std = image_norm_stats(cfg)
         weights = tower_state(ckpt.load_weights(det.init), "image.", det.init) if det.init else None

@@ -20,7 +20,8 @@ import torch
 from mm_ptft import checkpoint as ckpt
 from mm_ptft import faults
 from mm_ptft.config import Config, ConfigError, config_to_dict, save_config
-from mm_ptft.data import DataError, DataPosition, TrainStream, make_loader, resolve_shards
+from mm_ptft.data import DataError, DataPosition, TrainStream, make_loader
+from mm_ptft.data.mix import mixture_samples, resolve_sources
 from mm_ptft.data.stats import image_norm_stats
 from mm_ptft.distributed import (
     all_reduce_max,
@@ -121,9 +122,12 @@ class Trainer:
         self.best: dict | None = None  # {"step", "value"} of eval.select_metric's best evaluation
         self.report_images: dict[str, Path] = {}  # figures evaluators drew (caption → path), shown in the report
         self.evals_since_best = 0
-        self.position = DataPosition(self.world, max(cfg.data.workers, 1))
+        mixture = [s.name for s in self.sources] if len(self.sources) > 1 else []
+        self.position = DataPosition(self.world, max(cfg.data.workers, 1), sources=mixture)
         self.bad = Counter()
         self.samples_read = 0  # raw samples this rank consumed (good + bad)
+        # a mixture's raw samples and bad samples per source on this rank (logged summed over ranks)
+        self.source_counts = {name: {"samples": 0, "bad": 0} for name in mixture}
         self.logger = MetricsLogger(self.run_dir, cfg.train.tensorboard, enabled=is_main_process())
         if self.resume_dir is not None:
             self._resume(self.resume_dir)
@@ -153,7 +157,8 @@ class Trainer:
         cfg = configure_task(self.cfg)  # the task's sections, checked; the others left out of the saved config
         if cfg.data.train is None:
             raise ConfigError("config: data.train is required (a shard pattern or a data_tools dataset dir)")
-        self.train_shards = resolve_shards(cfg.data.train, cfg.data.train_split)
+        self.sources = resolve_sources(cfg.data)  # one source, or a weighted mixture (data/mix.py)
+        self.epoch_samples = cfg.data.num_samples or mixture_samples(self.sources)
         self.eval_plan = plan_eval(cfg) if cfg.eval.data else None  # shards, evaluators, class names, templates
         _check_writable(Path(cfg.train.output_dir))
         self.resume_dir = None
@@ -176,15 +181,19 @@ class Trainer:
     def _total_steps(self) -> int:
         if self.cfg.train.steps is not None:
             return self.cfg.train.steps
-        n = self.cfg.data.num_samples or self.train_shards.num_samples
+        n = self.epoch_samples
         if n is None:
-            raise ConfigError("config: set train.steps or data.num_samples (the shards have no sizes.json)")
+            unknown = [s.name for s in self.sources if s.shards.num_samples is None]
+            raise ConfigError(
+                "config: set train.steps or data.num_samples (no sample counts for the shards of "
+                f"{', '.join(unknown)}: no dataset.json, sizes.json or img2dataset *_stats.json)"
+            )
         return max(1, int(self.cfg.train.epochs * n // self.global_batch))
 
     def _train_loader(self):
         cfg = self.cfg
         stream = TrainStream(
-            self.train_shards,
+            self.sources,
             cfg.data,
             self.task.decoder(cfg, True, self.mean, self.std),
             self.task.collator(self.tokenize),
@@ -265,6 +274,9 @@ class Trainer:
         self.position.update(state)
         self.samples_read += state["samples"]
         self.bad.update(state["bad"])
+        for name, counts in self.source_counts.items():
+            for k in counts:
+                counts[k] += state["sources"][name][k]
         if self.cfg.train.record_keys:
             with (self.run_dir / f"keys_rank{self.rank}.jsonl").open("a") as f:
                 f.write(json.dumps({"step": self.step, "keys": batch["key"]}) + "\n")
@@ -278,8 +290,12 @@ class Trainer:
 
     def _log_train(self, out: dict, window: dict) -> None:
         # one collective per log step: loss averaged over ranks, bad-sample counts summed over ranks
+        per_source = [float(c[k]) for c in self.source_counts.values() for k in ("samples", "bad")]
         stats = all_reduce_sum(
-            torch.tensor([window["loss"], float(sum(self.bad.values())), float(self.samples_read)], dtype=torch.float64)
+            torch.tensor(
+                [window["loss"], float(sum(self.bad.values())), float(self.samples_read), *per_source],
+                dtype=torch.float64,
+            )
         )
         loss = stats[0].item() / self.world / max(window["steps"], 1)
         bad, read = int(stats[1].item()), int(stats[2].item())
@@ -290,7 +306,7 @@ class Trainer:
             "loss": loss,
             "lr": self.engine.lr_scheduler.get_last_lr()[0] / optimizer.param_groups[0].get("lr_scale", 1.0),
             "samples": self.step * self.global_batch,
-            "epoch": self.step * self.global_batch / (self.cfg.data.num_samples or self.train_shards.num_samples or 1),
+            "epoch": self.step * self.global_batch / (self.epoch_samples or 1),
             "samples_per_s": self.global_batch / step_time if step_time > 0 else None,
             "step_time_s": step_time,
             "data_wait_frac": window["data"] / window["time"] if window["time"] > 0 else 0.0,
@@ -299,6 +315,9 @@ class Trainer:
         }
         if self.negatives is not None:
             record["negatives"] = self.negatives  # each sample's negatives in the contrastive loss
+        for i, name in enumerate(self.source_counts):  # raw samples read and bad samples per source, all ranks
+            record[f"data/{name}/samples"] = int(stats[3 + 2 * i].item())
+            record[f"data/{name}/bad"] = int(stats[4 + 2 * i].item())
         for group in optimizer.param_groups:
             if "name" in group:
                 record[f"lr/{group['name']}"] = group["lr"]
@@ -310,7 +329,7 @@ class Trainer:
             raise DataError(
                 f"data: {bad} of {read} samples were bad ({dict(self.bad)} on rank {self.rank}), above "
                 f"data.max_bad_fraction={self.cfg.data.max_bad_fraction}; check the shards with "
-                f"`python -m data_tools verify {self.cfg.data.train}`"
+                + " and ".join(f"`python -m data_tools verify {s.shards.spec}`" for s in self.sources)
             )
 
     # -------------------------------------------------------------------------------------------- evaluate
@@ -404,6 +423,7 @@ class Trainer:
                 "data": self.position.state_dict(),
                 "samples_read": self.samples_read,
                 "bad": dict(self.bad),
+                "source_counts": self.source_counts,
                 "rng": torch.get_rng_state(),
             },
         )
@@ -437,9 +457,12 @@ class Trainer:
         load_engine_checkpoint(self.engine, tag_dir.parent, tag_dir.name)
         state = ckpt.load_trainer_state(tag_dir, self.rank)
         self.step = int(state["step"])
-        self.position = DataPosition.from_state_dict(state["data"], self.world, max(self.cfg.data.workers, 1))
+        self.position = DataPosition.from_state_dict(
+            state["data"], self.world, max(self.cfg.data.workers, 1), self.position.sources
+        )
         self.samples_read = int(state["samples_read"])
         self.bad = Counter(state["bad"])
+        self.source_counts = {k: dict(v) for k, v in state.get("source_counts", self.source_counts).items()}
         self.best, self.evals_since_best = meta.get("best"), int(meta.get("evals_since_best", 0))
         torch.set_rng_state(state["rng"])
         if self.ema is not None:
@@ -473,8 +496,12 @@ class Trainer:
             if self.best is not None:
                 best = ckpt.consolidate(self.ckpt_dir / ckpt.BEST)
                 ckpt.save_weights(best, self.run_dir / "best.safetensors", {"step": str(self.best["step"])})
-        bad = int(all_reduce_sum(torch.tensor([float(sum(self.bad.values()))], dtype=torch.float64))[0].item())
-        summary = {"step": self.step, "samples": self.step * self.global_batch, "bad_samples": bad}  # all ranks
+        per_source = [float(c[k]) for c in self.source_counts.values() for k in ("samples", "bad")]
+        totals = all_reduce_sum(torch.tensor([float(sum(self.bad.values())), *per_source], dtype=torch.float64))
+        summary = {"step": self.step, "samples": self.step * self.global_batch, "bad_samples": int(totals[0].item())}
+        for i, name in enumerate(self.source_counts):  # a mixture: raw samples and bad samples per source, all ranks
+            summary[f"data/{name}/samples"] = int(totals[1 + 2 * i].item())
+            summary[f"data/{name}/bad"] = int(totals[2 + 2 * i].item())
         if self.negatives is not None:
             summary["negatives_per_loss"] = self.negatives
         summary.update(metrics)
