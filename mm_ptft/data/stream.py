@@ -89,16 +89,19 @@ def split_key(name: str) -> tuple[str, str] | None:
 
 
 def read_tar(url: str, on_error: ErrorCallback, remote: RemoteConfig | None = None) -> Iterator[dict]:
-    """Yield raw samples ``{"__key__", "__url__", field: bytes}`` of one shard, grouping members by key."""
-    try:
-        if url.startswith("pipe:") or "://" in url:
-            from webdataset.gopen import gopen  # handles pipe:, http(s), and other streams
+    """Yield raw samples ``{"__key__", "__url__", field: bytes}`` of one shard, grouping members by key.
 
-            stream = gopen(url, "rb")
-        else:
-            stream = open(url, "rb")
+    Local paths, ``pipe:`` commands, http(s):// and fsspec URLs are opened by :func:`mm_ptft.data.remote.open_shard`,
+    which retries network faults (resuming at the byte it stopped at) within ``remote``'s bounds. A shard that still
+    cannot be opened is reported as ``shard_open_error``; one that fails part-way as ``tar_error``, after the
+    samples read before the damage.
+    """
+    from mm_ptft.data.remote import ShardReadError, open_shard
+
+    try:
+        stream = open_shard(url, remote)
     except Exception as e:  # noqa: BLE001 - any open failure is a skipped shard, reported with its reason
-        on_error("shard_open_error", url, f"{type(e).__name__}: {e}")
+        on_error("shard_open_error", url, e.detail if isinstance(e, ShardReadError) else f"{type(e).__name__}: {e}")
         return
     current: dict | None = None
     try:
@@ -111,11 +114,22 @@ def read_tar(url: str, on_error: ErrorCallback, remote: RemoteConfig | None = No
                     continue
                 key, field = parts
                 data = tar.extractfile(member).read()
+                if len(data) != member.size:  # the stream ended inside the member: tarfile returns it short
+                    raise tarfile.ReadError(f"the stream ends inside {member.name} ({len(data)}/{member.size} bytes)")
                 if current is None or current["__key__"] != key:
                     if current is not None:
                         yield current
                     current = {"__key__": key, "__url__": url}
                 current[field] = data
+            # tarfile ends quietly when the stream stops inside a header or right after a member; a whole
+            # (uncompressed) tar has at least one zero block after its last member
+            if getattr(tar.fileobj, "comptype", None) == "tar" and stream.tell() < tar.offset + tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"the stream ends at byte {stream.tell()}, before the end-of-archive block")
+    except ShardReadError as e:
+        # the retries ran out: nothing delivered is a shard that could not be opened (e.g. a pipe: command that
+        # failed); otherwise keep what was read, as for a truncated tar
+        on_error("shard_open_error" if e.delivered == 0 else "tar_error", url, e.detail)
+        return
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         # a truncated or corrupt tar: keep what was read, drop the partial sample being read, report the shard
         on_error("tar_error", url, f"{type(e).__name__}: {e}")
