@@ -137,6 +137,17 @@ class DataConfig:
 
 
 @dataclass
+class EvalDataConfig:
+    """One more held-out dataset a training run evaluates beside ``eval.data`` (``eval.also``)."""
+
+    data: str  # held-out shards (pattern or dataset dir), local or remote
+    split: str = "test"
+    name: str | None = None  # prefix of its metrics ('<name>/zeroshot/acc1'); None → dataset.json name or dir name
+    classnames: list[str] | str | None = None  # None → its dataset.json
+    templates: list[str] | str | None = None
+
+
+@dataclass
 class EvalConfig:
     data: str | None = None  # held-out shards (pattern or dataset dir); None → no evaluation
     split: str = "test"
@@ -147,6 +158,9 @@ class EvalConfig:
     evaluators: list[str] = field(default_factory=lambda: ["zeroshot", "retrieval"])  # registered in mm_ptft.eval
     classnames: list[str] | str | None = None  # list, or a file with one per line; None → dataset.json
     templates: list[str] | str | None = None  # list, or a file; each with '{}' for the class name
+    # more held-out datasets, each evaluated by the same evaluators with its own classes; their metrics are logged as
+    # '<name>/<metric>' (e.g. a mixture's second source: also: [{data: data/openclipart, name: openclipart}])
+    also: list[EvalDataConfig] = field(default_factory=list)
     select_metric: str | None = None  # logged eval metric (e.g. 'classification/acc1') that picks the best checkpoint
     select_mode: Literal["max", "min"] = "max"
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-evaluator settings, e.g.

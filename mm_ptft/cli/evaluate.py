@@ -44,7 +44,9 @@ def cmd_eval(argv: list[str]) -> int:
     metrics = evaluate_model(cfg, task)
     from mm_ptft.data import resolve_shards
 
-    dataset = resolve_shards(cfg.eval.data, cfg.eval.split).meta.get("name") or Path(cfg.eval.data).name
+    dataset = (
+        resolve_shards(cfg.eval.data, cfg.eval.split, cfg.data.remote).meta.get("name") or Path(cfg.eval.data).name
+    )
     records = clip_benchmark_records(metrics, dataset, cfg.train.name or Path(args.model).stem, str(args.model))
     result = {
         "model": str(args.model),

@@ -72,7 +72,7 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
     sources = []
     for i, (entry, (path, split)) in enumerate(zip(entries, source_paths(cfg))):
         try:
-            shards = resolve_shards(path, split)
+            shards = resolve_shards(path, split, cfg.remote)
         except DataError as e:
             if len(entries) == 1:
                 raise

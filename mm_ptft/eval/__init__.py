@@ -24,6 +24,7 @@ from mm_ptft.eval.prepare import (
     clip_benchmark_records,
     evaluate_model,
     plan_eval,
+    plan_evals,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "clip_benchmark_records",
     "evaluate_model",
     "plan_eval",
+    "plan_evals",
     "register_evaluator",
     "run_evaluators",
 ]

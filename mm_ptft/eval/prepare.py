@@ -9,8 +9,10 @@ evaluator settings, and the context the evaluators share.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,7 +103,7 @@ def plan_eval(cfg: Config) -> EvalPlan:
     if not cfg.eval.data:
         raise ConfigError("config: eval.data is required (held-out shards or a data_tools dataset dir)")
     settings = evaluator_settings(cfg.eval.settings)
-    shards = resolve_shards(cfg.eval.data, cfg.eval.split)
+    shards = resolve_shards(cfg.eval.data, cfg.eval.split, cfg.data.remote)
     classnames, templates = resolve_classes(
         [(cfg.eval.classnames, "eval.classnames")], cfg.eval.templates, [(shards.meta, f"{cfg.eval.data}/dataset.json")]
     )
@@ -111,9 +113,39 @@ def plan_eval(cfg: Config) -> EvalPlan:
         if evaluator.train_split and plan.train_shards is None:
             options = settings.get(name) or evaluator.settings()
             plan.settings.setdefault(name, options)
-            plan.train_shards = resolve_shards(cfg.eval.data, getattr(options, "train_split", "train"))
+            plan.train_shards = resolve_shards(cfg.eval.data, getattr(options, "train_split", "train"), cfg.data.remote)
             plan.train_max_samples = getattr(options, "max_train_samples", None)
     return plan
+
+
+def plan_evals(cfg: Config) -> list[tuple[str, EvalPlan]]:
+    """(metric prefix, plan) of ``eval.data`` (prefix '') and of every ``eval.also`` dataset ('<name>/'), all
+    resolved and checked up front.
+
+    Raises:
+        ConfigError: two datasets with the same name; whatever :func:`plan_eval` raises for one of them.
+    """
+    plans = [("", plan_eval(cfg))]
+    names = set()
+    for i, more in enumerate(cfg.eval.also):
+        sub = dataclasses.replace(
+            cfg,
+            eval=dataclasses.replace(
+                cfg.eval,
+                data=more.data,
+                split=more.split,
+                classnames=more.classnames,
+                templates=more.templates,
+                also=[],
+            ),
+        )
+        plan = plan_eval(sub)
+        name = more.name or plan.shards.meta.get("name") or Path(more.data.rstrip("/")).name
+        if name in names:
+            raise ConfigError(f"config: eval.also[{i}]: a second dataset named '{name}'; give it a distinct `name:`")
+        names.add(name)
+        plans.append((f"{name}/", plan))
+    return plans
 
 
 def evaluate_model(cfg: Config, task: torch.nn.Module, device: torch.device | None = None) -> dict[str, float]:

@@ -30,7 +30,7 @@ def _dataset_metas(cfg: Config) -> list[tuple[dict, str]]:
     metas = []
     for spec, split in (*source_paths(cfg.data), (cfg.eval.data, cfg.eval.split)):
         if spec:
-            meta = resolve_shards(spec, split).meta
+            meta = resolve_shards(spec, split, cfg.data.remote).meta
             if meta:
                 metas.append((meta, f"{spec}/dataset.json"))
     return metas

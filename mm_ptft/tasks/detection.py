@@ -114,7 +114,7 @@ class DetectionTask(Task):
                 "a weighted mixture is for image-text pretraining"
             )
         paths = source_paths(cfg.data)
-        shards = resolve_shards(*paths[0]) if paths else None
+        shards = resolve_shards(*paths[0], cfg.data.remote) if paths else None
         categories = resolve_categories(cfg, shards)
         mean, std = image_norm_stats(cfg)
         weights = tower_state(ckpt.load_weights(det.init), "image.", det.init) if det.init else None

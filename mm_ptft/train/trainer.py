@@ -31,7 +31,7 @@ from mm_ptft.distributed import (
     init_distributed,
     is_main_process,
 )
-from mm_ptft.eval import plan_eval, run_evaluators
+from mm_ptft.eval import plan_evals, run_evaluators
 from mm_ptft.tasks import configure_task, create_task
 from mm_ptft.train.accumulate import create_accumulation, negatives_per_loss
 from mm_ptft.train.ema import WeightEMA
@@ -159,7 +159,8 @@ class Trainer:
             raise ConfigError("config: data.train is required (a shard pattern or a data_tools dataset dir)")
         self.sources = resolve_sources(cfg.data)  # one source, or a weighted mixture (data/mix.py)
         self.epoch_samples = cfg.data.num_samples or mixture_samples(self.sources)
-        self.eval_plan = plan_eval(cfg) if cfg.eval.data else None  # shards, evaluators, class names, templates
+        # (metric prefix, plan) of eval.data and of each eval.also dataset: shards, evaluators, class names, templates
+        self.eval_plans = plan_evals(cfg) if cfg.eval.data else []
         _check_writable(Path(cfg.train.output_dir))
         self.resume_dir = None
         if cfg.train.resume:
@@ -342,24 +343,26 @@ class Trainer:
     def evaluate(self) -> dict:
         """Run ``eval.evaluators`` on the held-out shards, on every rank (ZeRO-3 needs all ranks), log on rank 0.
         With ``train.ema_decay`` the moving average is what is evaluated (and what best-selection keeps)."""
-        if self.eval_plan is None:
+        if not self.eval_plans:
             return {}
         self._average_buffers()  # every rank evaluates (and later saves) the same BatchNorm statistics
         module = self.engine.module
         was_training = module.training
         module.eval()
         t0 = time.perf_counter()
-        ctx = self.eval_plan.context(
-            self.task,
-            rank=self.rank,
-            world_size=self.world,
-            device=self.device,
-            tokenize=self.tokenize,
-            out_dir=self.run_dir,
-        )
-        with self.ema.applied_to(module) if self.ema is not None else contextlib.nullcontext():
-            metrics = run_evaluators(self.cfg.eval.evaluators, ctx)
-        self.report_images.update(ctx.images)
+        metrics = {}
+        for prefix, plan in self.eval_plans:
+            ctx = plan.context(
+                self.task,
+                rank=self.rank,
+                world_size=self.world,
+                device=self.device,
+                tokenize=self.tokenize,
+                out_dir=self.run_dir,
+            )
+            with self.ema.applied_to(module) if self.ema is not None else contextlib.nullcontext():
+                metrics.update({prefix + k: v for k, v in run_evaluators(self.cfg.eval.evaluators, ctx).items()})
+            self.report_images.update({prefix + k: v for k, v in ctx.images.items()})
         metrics["eval_time_s"] = time.perf_counter() - t0
         module.train(was_training)
         self.logger.log("eval", self.step, metrics)

@@ -109,7 +109,8 @@ def test_mixture_run_resumes_exactly_and_reports_per_source_counts(fmnist_tiny, 
     """8 steps of the tiny recipe on a 3:1 mixture, uninterrupted vs stopped after 3 steps (a checkpoint at 3) and
     resumed in a new Trainer: the same sample keys at every step and the same final weights; the metrics count
     each source's raw samples, and the report shows them against the weights."""
-    full = _run(fmnist_tiny, tmp_path, "full", mode, "train.save_every=0")
+    also = f"eval.also=[{{data: {fmnist_tiny}, split: train, name: b-train}}]"
+    full = _run(fmnist_tiny, tmp_path, "full", mode, "train.save_every=0", also)
     _run(fmnist_tiny, tmp_path, "cut", mode, "train.save_every=3", "train.stop_after=3", "train.report=false")
     cut = _run(fmnist_tiny, tmp_path, "cut", mode, "train.resume=latest", "train.save_every=0")
 
@@ -127,6 +128,9 @@ def test_mixture_run_resumes_exactly_and_reports_per_source_counts(fmnist_tiny, 
     assert abs(from_b - 32) < 4 * math.sqrt(128 * 0.25 * 0.75)
     last = records(full, "train")[-1]
     assert last["data/a/samples"] + last["data/b/samples"] == 128
+    evaluated = records(full, "eval")[-1]  # eval.data and each eval.also dataset, under its own prefix
+    assert {"zeroshot/acc1", "b-train/zeroshot/acc1"} <= evaluated.keys()
+    assert evaluated["zeroshot/n"] == evaluated["b-train/zeroshot/n"] == 64
     report = (full / "report.md").read_text()
     assert "| a | 0.750 |" in report and "| b | 0.250 |" in report
 
@@ -161,3 +165,14 @@ def test_mixture_config_errors_are_one_line(fmnist_tiny, tmp_path):
     with pytest.raises(DataError, match=r"data.train\[1\] \(.*nowhere\): ") as e:
         resolve_sources(cfg.data)
     assert "\n" not in str(e.value)
+
+
+def test_eval_also_names_must_differ(fmnist_tiny, tmp_path):
+    from mm_ptft.eval import plan_evals
+
+    twice = f"eval.also=[{{data: {fmnist_tiny}, name: x}}, {{data: {fmnist_tiny}, split: train, name: x}}]"
+    cfg = load_config(PRE_TINY, [*tiny_overrides(fmnist_tiny, tmp_path), twice])
+    with pytest.raises(ConfigError, match=r"eval.also\[1\]: a second dataset named 'x'"):
+        plan_evals(cfg)
+    cfg = load_config(PRE_TINY, [*tiny_overrides(fmnist_tiny, tmp_path), f"eval.also=[{{data: {fmnist_tiny}}}]"])
+    assert [prefix for prefix, _ in plan_evals(cfg)] == ["", "fashion-mnist/"]
