@@ -1,4 +1,4 @@
-"""Command line: ``python -m data_tools {fashion-mnist,folder,captions,verify} ...``."""
+"""Command line: ``python -m data_tools {fashion-mnist,folder,captions,openclipart,verify} ...``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from data_tools.captions import DEFAULT_CAPTION_TEMPLATE, WriteOptions, WriteResult, write_caption_file, write_folder
 from data_tools.fashion_mnist import DEFAULT_SRC, write_fashion_mnist
+from data_tools.openclipart import DEFAULT_HOLDOUT, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_QUALITY
 from data_tools.shards import DEFAULT_SHARD_SIZE, DataToolsError
 from data_tools.verify import print_report, verify_dataset
 
@@ -101,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     subset.add_argument("--fraction", type=float, default=1.0, help="share of each class (after the holdout) kept")
     subset.add_argument("--holdout", type=float, default=0.0, help="share of each class written as OUT/val")
     _add_write_options(subset, shuffle=False)
+
+    clip = sub.add_parser("openclipart", help="write Debian openclipart-png as caption shards (train + held-out test)")
+    clip.add_argument("--src", type=Path, default=None, help="png directory (default /usr/share/openclipart/png)")
+    clip.add_argument("--max-size", type=_positive_int, default=DEFAULT_MAX_SIZE, help="longest side (only shrunk)")
+    clip.add_argument("--format", dest="image_format", choices=["jpg", "png"], default="jpg", help="stored image type")
+    clip.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality")
+    clip.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT, help="share of each top category in test")
+    clip.add_argument("--limit", type=_positive_int, default=None, help="keep a seeded random N drawings (tests)")
+    clip.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, help="skip larger undecoded")
+    _add_write_options(clip, shuffle=False)
 
     ver = sub.add_parser("verify", help="check shards; exit 0 clean, 1 problems, 2 usage error")
     ver.add_argument("target", help="dataset directory, split directory, shard file or brace pattern")
@@ -214,6 +225,23 @@ def _run_subset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_openclipart(args: argparse.Namespace) -> int:
+    from data_tools.openclipart import DEFAULT_SRC as OPENCLIPART_SRC
+    from data_tools.openclipart import OpenclipartOptions, write_openclipart
+
+    options = OpenclipartOptions(
+        args.max_size, args.image_format, args.quality, args.holdout, args.limit, args.max_pixels, args.shard_size,
+        args.seed, args.overwrite,
+    )  # fmt: skip
+    result = write_openclipart(args.out, args.src or OPENCLIPART_SRC, options)
+    for split, entry in result.entries.items():
+        print(f"{split}: {entry['num_samples']} samples in {entry['num_shards']} shards")
+    per_class = ", ".join(f"{c} {sum(n[c] for n in result.counts.values())}" for c in result.classnames)
+    print(f"{len(result.classnames)} classes: {per_class}")
+    print(f"{result.duplicates} byte-identical copies merged, {len(result.skipped)} files skipped")
+    return 0
+
+
 def _run_verify(args: argparse.Namespace) -> int:
     report = verify_dataset(args.target, args.split, progress=not args.quiet)
     print_report(report)
@@ -231,6 +259,7 @@ _COMMANDS = {
     "clip-benchmark": _run_clip_benchmark,
     "detection-scenes": _run_detection_scenes,
     "coco": _run_coco,
+    "openclipart": _run_openclipart,
 }
 
 
