@@ -327,3 +327,28 @@ def test_caption_and_mojibake() -> None:
     assert fix_mojibake("MoisÃ©s") == "Moisés" and fix_mojibake("Mikol\xe1\x9a") == "Mikoláš"
     assert fix_mojibake("café") == "café"
     assert split_clips([], 0.1, 0) == {"train": [], "test": []}
+
+
+def test_mixture_recipe_tiny_twin_trains_and_evaluates_both(written: Path, fmnist_tiny: Path, tmp_path: Path) -> None:
+    """configs/pretrain-mix-tiny.yaml on the tiny Fashion-MNIST shards + 120 real drawings: both sources are drawn
+    (counted per source), and zero-shot is reported on each held-out set with its own classes."""
+    import json
+
+    from mm_ptft.cli import main as mm_main
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "pretrain-mix-tiny.yaml"
+    overrides = [
+        f"data.train=[{{path: {fmnist_tiny}, weight: 0.7, name: fmnist}}, "
+        f"{{path: {written}, weight: 0.3, name: openclipart}}]",
+        f"eval.data={fmnist_tiny}",
+        f"eval.also=[{{data: {written}, name: openclipart}}]",
+        f"train.output_dir={tmp_path}", "train.name=mix", "train.progress=false", "deepspeed.precision=fp32",
+    ]  # fmt: skip
+    assert mm_main(["train", "-c", str(recipe), *overrides]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines()]
+    summary = rows[-1]
+    assert summary["data/fmnist/samples"] + summary["data/openclipart/samples"] == 6 * 16
+    assert summary["data/openclipart/samples"] > 0 and summary["data/fmnist/samples"] > 0
+    held_out = json.loads((written / "dataset.json").read_text())["splits"]["test"]["num_samples"]
+    assert summary["openclipart/zeroshot/n"] == held_out and summary["zeroshot/n"] == 256  # eval.max_samples 256
+    assert "## Data sources" in (tmp_path / "mix" / "report.md").read_text()
