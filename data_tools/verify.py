@@ -231,7 +231,8 @@ def _check_set(shard_set: ShardSet, report: VerifyReport, progress: bool) -> Non
 
 
 def _sizes_for(shards: list[Path], split_dir: Path | None, problems: list[BadSample]) -> dict[Path, int | None]:
-    """Map each shard to its sizes.json count; with ``split_dir`` set, a missing sizes.json is a problem."""
+    """Map each shard to its sizes.json count, else to the ``successes`` of img2dataset's ``<stem>_stats.json`` next
+    to it; with ``split_dir`` set, a dir with neither is a problem."""
     sizes: dict[Path, int | None] = {}
     cache: dict[Path, dict | None] = {}
     for path in shards:
@@ -242,10 +243,18 @@ def _sizes_for(shards: list[Path], split_dir: Path | None, problems: list[BadSam
         if listed is not None and path.name not in listed:
             problems.append(BadSample(str(path), SHARD_LEVEL, "count mismatch: shard not listed in sizes.json"))
         sizes[path] = None if listed is None else listed.get(path.name)
+        stats_path = path.with_name(f"{path.stem}_stats.json")
+        if listed is None and stats_path.is_file():
+            successes = read_json(stats_path).get("successes")
+            if isinstance(successes, int) and not isinstance(successes, bool):
+                sizes[path] = successes
+            else:
+                problems.append(BadSample(str(stats_path), SHARD_LEVEL, "bad _stats.json: no integer 'successes'"))
     if split_dir is not None:
         listed = cache.get(split_dir / SIZES_JSON)
         if listed is None:
-            problems.append(BadSample(str(split_dir / SIZES_JSON), SHARD_LEVEL, "missing sizes.json"))
+            if any(sizes[p] is None for p in shards):  # neither sizes.json nor img2dataset's counts
+                problems.append(BadSample(str(split_dir / SIZES_JSON), SHARD_LEVEL, "missing sizes.json"))
         else:
             names = {p.name for p in shards}
             problems += [

@@ -19,6 +19,7 @@ arguments and return results.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 
@@ -38,8 +39,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _one_line(e: BaseException) -> str:
     # errors re-raised from DataLoader workers carry the worker's traceback: keep only the final message
+    # (whose last line is the traceback's "module.ErrorType: message")
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    last = lines[-1].strip()
+    if len(lines) > 1:
+        last = re.sub(rf"^[\w.]*\b{type(e).__name__}: ", "", last)
+    return last
 
 
 def _quiet_known_deprecations() -> None:

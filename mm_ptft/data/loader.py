@@ -102,6 +102,11 @@ def _from_json(value: list | tuple) -> tuple:
     return int(value[0]), int(value[1])
 
 
+# a worker that has read this many batches' worth of samples without filling half a batch stops (all but ~1 in 2 ×
+# STARVED_BATCHES samples are bad): far beyond any data.max_bad_fraction, so it never fires on usable data
+STARVED_BATCHES = 16
+
+
 def _sample_seed(*parts: int) -> int:
     # tuples of ints hash identically in every process (PYTHONHASHSEED only salts str/bytes)
     return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
@@ -151,6 +156,20 @@ class TrainStream(IterableDataset):
         for raw, i, position in mixture_stream(specs, weights, logical, start, logs, self.seed):
             yield raw, i, position, (i, *position[1][i])
 
+    def _raise_starved(self, read: int, kept: int, logs: list[BadSampleLog]) -> None:
+        """Nearly every sample since the last batch was bad: stop in one line instead of reading forever (the
+        trainer's ``max_bad_fraction`` check runs per batch, and no batch is coming)."""
+        reasons: Counter = Counter()
+        for log in logs:
+            reasons.update(log.counts)
+        shown = ", ".join(f"{k} {v}" for k, v in reasons.most_common())
+        raise DataError(
+            f"data: {read - kept} of the last {read} samples were bad ({shown}) and no batch of "
+            f"{self.cfg.batch_size} could be made; check the shards with `python -m data_tools verify "
+            + " / ".join(s.shards.spec for s in self.sources)
+            + "`"
+        )
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         n_local = self.position.num_workers
@@ -168,6 +187,9 @@ class TrainStream(IterableDataset):
             generator = torch.Generator().manual_seed(_sample_seed(self.seed, logical, *where))
             decoded = self.decode(raw, logs[source], generator)
             if decoded is None:
+                read = sum(consumed)
+                if read >= STARVED_BATCHES * self.cfg.batch_size and len(items) < self.cfg.batch_size // 2:
+                    self._raise_starved(read, len(items), logs)
                 continue
             items.append(decoded)
             if len(items) == self.cfg.batch_size:

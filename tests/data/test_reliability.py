@@ -153,6 +153,23 @@ def test_too_many_bad_samples_stop_the_run_with_a_clear_error(fmnist_copy, tmp_p
     assert err[-1].startswith("error: data:") and "above data.max_bad_fraction=0.05" in err[-1]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_of_only_bad_samples_stops_instead_of_reading_forever(fmnist_copy, tmp_path, capsys, workers):
+    """Every image broken: no batch can ever be made, so the trainer's per-batch check never runs; the stream itself
+    stops in one line (in the training process and from a DataLoader worker)."""
+    from helpers import corrupt_image, member_names
+
+    for shard in sorted((fmnist_copy / "train").glob("*.tar")):
+        for key in sorted({n.split(".")[0] for n in member_names(shard)}):
+            corrupt_image(shard, key)
+    code = main(["train", "-c", TINY, *tiny_overrides(fmnist_copy, tmp_path), "data.batch_size=16",
+                 f"data.workers={workers}", "train.steps=4"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: data: ") and "no batch of 16 could be made" in err[-1], err[-1]
+    assert "bad_image 2" in err[-1] and "data_tools verify" in err[-1]
+
+
 # ------------------------------------------------------------------------------------------ config/path faults
 def test_config_and_path_faults_are_one_line_errors(tmp_path, fmnist_tiny, capsys):
     blocker = tmp_path / "a-file"
