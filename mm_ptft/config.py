@@ -94,6 +94,9 @@ class ImageTransformConfig:
     train_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
     hflip: float = 0.0  # horizontal flip probability in training
     re_prob: float = 0.0  # random erasing probability in training (a rectangle of 2-33 % of the area → noise)
+    # training: decode a JPEG at the reduced DCT size its planned crop needs, resize in torch (tests state the bound
+    # on the difference); false → full PIL decode, bit-equal to torchvision's transforms
+    fast_decode: bool = True
 
 
 @dataclass

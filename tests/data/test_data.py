@@ -159,3 +159,28 @@ def test_eval_stream_covers_every_sample_once(fmnist_tiny, world, workers):
         for batch in make_loader(stream, workers, 2):
             keys += batch["key"]
     assert len(keys) == 600 and len(set(keys)) == 600
+
+
+@pytest.mark.parametrize(
+    ("meta", "label"),
+    [({"label": 3}, 3), ({"label": "7"}, 7), ({"label": 2.0}, 2), ({"label": "animals"}, -1), ({"label": None}, -1),
+     ({"label": float("nan")}, -1), ({"label": True}, -1), ({}, -1), ([1, 2], -1)],
+)  # fmt: skip
+def test_json_labels_that_are_not_class_indices_mean_no_label(meta, label):
+    """img2dataset's --save_additional_columns writes whatever the URL list holds: a class name or an empty cell is
+    no label (-1), not a bad sample; only json that does not parse is bad_json."""
+    import io as _io
+    import json as _json
+
+    from PIL import Image
+
+    from mm_ptft.data import BadSampleLog, decode_sample
+
+    png = _io.BytesIO()
+    Image.new("L", (8, 8), 128).save(png, "PNG")
+    raw = {"__key__": "k", "__url__": "u", "png": png.getvalue(), "txt": b"a shirt", "json": _json.dumps(meta).encode()}
+    log = BadSampleLog()
+    out = decode_sample(raw, None, ["png"], "txt", 100, log)
+    assert out is not None and out["label"] == label and not log.counts
+    raw["json"] = b"{not json"
+    assert decode_sample(raw, None, ["png"], "txt", 100, log) is None and log.counts == {"bad_json": 1}
