@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import torch
-from helpers import PRE_TINY, records, summary_of
+from helpers import PRE_TINY, recorded_keys, records, summary_of
 
 from mm_ptft import checkpoint as ckpt
 from mm_ptft.cli import main
@@ -461,3 +461,25 @@ def test_a_run_with_a_shard_that_always_answers_500_ends_normally_and_counts_it(
         run = _train(base, tmp_path, "faulty", "data.workers=0", "data.remote.retries=2")
     assert summary_of(run)["bad_samples"] == 1
     assert records(run, "train")[-1]["bad_samples"] == 1  # cumulative: the shard was read (and skipped) once
+
+
+def test_a_remote_mixture_resumes_exactly_through_transient_faults(www, http, s3, tmp_path):
+    """A mixture of an HTTP source and an S3 source, stopped after 2 steps and resumed, reads the keys and reaches the
+    weights of the uninterrupted run, although every shard's first request of the resumed run is reset mid-body."""
+    mixture = (
+        f"data.train=[{{path: {http.url('fmnist-tiny')}, weight: 0.6, name: web}}, "
+        f"{{path: {s3.url('fmnist-tiny')}, split: test, weight: 0.4, name: bucket}}]"
+    )
+    common = [mixture, "train.record_keys=true", "data.workers=0"]
+    full = _train("unused", tmp_path, "full", *common)
+    _train("unused", tmp_path, "cut", *common, "train.save_every=2", "train.stop_after=2")
+    for path in resolve_shards(str(www / "fmnist-tiny")).urls:  # the HTTP source's shards, served from `www`
+        http.faults[Path(path).relative_to(www).as_posix()] = Fault("reset", times=1, at=3000)
+    http.requests.clear()
+    cut = _train("unused", tmp_path, "cut", *common, "train.resume=latest", "data.remote.retries=2")
+    retried = [r for reqs in http.requests.values() for r in reqs if r == "bytes=3000-"]
+    assert retried, "the resumed run met no fault"  # each reset shard was read again from its byte 3000
+    assert recorded_keys(cut, 0) == recorded_keys(full, 0)
+    want, got = ckpt.load_weights(full / "model.safetensors"), ckpt.load_weights(cut / "model.safetensors")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert summary_of(cut)["bad_samples"] == 0 and summary_of(cut)["data/bucket/samples"] > 0
