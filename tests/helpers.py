@@ -179,6 +179,16 @@ def rewrite_shard(path: Path, edit: Callable[[str, bytes], bytes | None]) -> Non
             tar.addfile(info, io.BytesIO(new))
 
 
+def tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    """A shard read with plain tarfile into {key: {ext: bytes}} (no mm-ptft code: a reference reader)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
 def member_names(path: Path) -> list[str]:
     with tarfile.open(path) as tar:
         return tar.getnames()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tar_samples
 from PIL import Image
 
 from data_tools import main, verify_dataset, write_caption_file
@@ -33,16 +34,6 @@ needs_fmnist = pytest.mark.skipif(
 def parse_idx(path: Path, header: int) -> np.ndarray:
     """Independent idx parse: skip the header, the rest is uint8 data."""
     return np.frombuffer(gzip.decompress(path.read_bytes()), dtype=np.uint8, offset=header)
-
-
-def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    """Read a shard with plain tarfile into {key: {ext: bytes}}."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tf:
-        for m in tf.getmembers():
-            key, _, ext = m.name.partition(".")
-            samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return samples
 
 
 def rewrite_tar(path: Path, edit: Callable[[str, bytes], bytes | None]) -> None:
@@ -134,7 +125,7 @@ def test_fmnist_metadata_files(fmnist: Path) -> None:
         sizes = json.loads((fmnist / split / "sizes.json").read_text())
         assert sizes == {f"shard-{i:06d}.tar": 100 for i in range(3)}
         for name, count in sizes.items():
-            assert len(read_tar(fmnist / split / name)) == count
+            assert len(tar_samples(fmnist / split / name)) == count
         assert not list((fmnist / split).glob("*.tmp"))
     assert (fmnist / "classnames.txt").read_text().splitlines() == CLASSNAMES
     assert (fmnist / "templates.txt").read_text().splitlines() == meta["templates"]
@@ -142,13 +133,13 @@ def test_fmnist_metadata_files(fmnist: Path) -> None:
 
 @needs_fmnist
 def test_fmnist_captions_are_grammatical_and_deterministic(fmnist: Path, tmp_path: Path) -> None:
-    captions = [s["txt"].decode() for s in read_tar(fmnist / "train" / "shard-000000.tar").values()]
+    captions = [s["txt"].decode() for s in tar_samples(fmnist / "train" / "shard-000000.tar").values()]
     assert len(set(captions)) > 20  # several templates in use
     assert not any(" a ankle" in c for c in captions)
     again = tmp_path / "again"
     assert main(["fashion-mnist", "--out", str(again), "--limit", "100", "--shard-size", "100"]) == 0
-    first = read_tar(fmnist / "train" / "shard-000000.tar")
-    second = read_tar(again / "train" / "shard-000000.tar")
+    first = tar_samples(fmnist / "train" / "shard-000000.tar")
+    second = tar_samples(again / "train" / "shard-000000.tar")
     assert list(first) == list(second)
     assert [s["txt"] for s in first.values()] == [s["txt"] for s in second.values()]
 
@@ -241,7 +232,7 @@ def read_split(out: Path, split: str) -> dict[str, dict[str, bytes]]:
     """Read all shards of a split into {key: {ext: bytes}}."""
     samples: dict[str, dict[str, bytes]] = {}
     for shard in sorted((out / split).glob("shard-*.tar")):
-        samples |= read_tar(shard)
+        samples |= tar_samples(shard)
     return samples
 
 
@@ -402,10 +393,10 @@ def test_verify_finds_corruption(fmnist: Path, tmp_path: Path, capsys: pytest.Ca
     shards = [out / "train" / f"shard-{i:06d}.tar" for i in range(3)]
 
     # shard 0: one image replaced by garbage
-    bad_image_key = list(read_tar(shards[0]))[10]
+    bad_image_key = list(tar_samples(shards[0]))[10]
     rewrite_tar(shards[0], lambda name, data: b"\x89PNG garbage" if name == f"{bad_image_key}.png" else data)
     # shard 2: one caption removed
-    no_caption_key = list(read_tar(shards[2]))[42]
+    no_caption_key = list(tar_samples(shards[2]))[42]
     rewrite_tar(shards[2], lambda name, data: None if name == f"{no_caption_key}.txt" else data)
     # shard 1: cut in the middle of sample 50's image
     with tarfile.open(shards[1]) as tf:
@@ -446,7 +437,7 @@ def test_verify_cut_between_samples_and_empty_caption(fmnist: Path, tmp_path: Pa
         first_of_sample_60 = [m for m in tf.getmembers() if m.name.endswith(".json")][60]
     shard.write_bytes(shard.read_bytes()[: first_of_sample_60.offset + 100])  # inside a header
     other = out / "test" / "shard-000002.tar"
-    key = next(iter(read_tar(other)))
+    key = next(iter(tar_samples(other)))
     rewrite_tar(other, lambda name, data: b" \n" if name == f"{key}.txt" else data)
 
     report = verify_dataset(out, split="test")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PRE_TINY, records, summary_of
+from helpers import PRE_TINY, records, summary_of, tar_samples
 
 from mm_ptft import checkpoint as ckpt
 from mm_ptft.config import ImageTransformConfig, load_config
@@ -157,15 +157,6 @@ def i2d(www, tmp_path_factory) -> Img2datasetRun:
     return Img2datasetRun(out, rows, requests, seconds)
 
 
-def _tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            key, _, ext = member.name.partition(".")
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
-
-
 def _stats(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("*_stats.json"))]
 
@@ -198,7 +189,7 @@ def test_img2dataset_writes_shards_without_the_failed_downloads(i2d):
 
     by_url = {r["url"]: r for r in i2d.rows}
     for shard, shard_stats in zip(sorted(i2d.out.glob("*.tar")), stats, strict=True):
-        samples = _tar_samples(shard)
+        samples = tar_samples(shard)
         assert len(samples) == shard_stats["successes"]
         table = pq.read_table(shard.with_suffix(".parquet")).to_pylist()  # one row per URL of the shard, failed or not
         assert len(table) == shard_stats["count"]
