@@ -181,11 +181,13 @@ def clean_partials(ckpt_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def consolidate(tag_dir: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
+def consolidate(tag_dir: str | Path, ema: bool = True, merge: bool = True) -> dict[str, torch.Tensor]:
     """The model's fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (names relative to the model).
 
     A run trained with ``train.ema_decay`` is its moving average (what it evaluated and selected): its checkpoints
     carry it as ``ema.safetensors`` and that is returned unless ``ema=False`` asks for the optimizer's weights.
+    A run with peft adapters (``finetune.policy`` lora / ia3) comes out merged, under the plain tower's names (see
+    :func:`merge_adapters`), unless ``merge=False`` asks for the weights as trained.
     """
     from mm_ptft.distributed.engine import fp32_state_dict
 
@@ -196,7 +198,122 @@ def consolidate(tag_dir: str | Path, ema: bool = True) -> dict[str, torch.Tensor
     else:
         state = fp32_state_dict(tag_dir, meta.get("param_group_names"))
     prefix = meta.get("model_prefix", "model.")
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if merge and has_adapters(state):
+        state = merge_adapters(state, _lora_alpha(tag_dir))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# peft adapters in a checkpoint: merged into plain weights, or plain weights loaded into an adapted model
+# ---------------------------------------------------------------------------------------------------------------------
+
+BASE_LAYER = ".base_layer."  # peft's name for the wrapped layer: blocks.0.attn.qkv.base_layer.weight
+ADAPTER_NAME = "default"  # the one adapter mm-ptft trains per layer
+
+
+def _adapter_kind(name: str) -> str | None:
+    if ".lora_A." in name or ".lora_B." in name:
+        return "lora"
+    return "ia3" if ".ia3_l." in name else None
+
+
+def _adapted_layer(name: str) -> str | None:
+    """The layer a peft tensor belongs to (``blocks.0.attn.qkv`` of ``blocks.0.attn.qkv.lora_A.default.weight``)."""
+    for mark in (BASE_LAYER, ".lora_A.", ".lora_B.", ".ia3_l."):
+        if mark in name:
+            return name.split(mark)[0]
+    return None
+
+
+def has_adapters(state: dict[str, torch.Tensor]) -> bool:
+    return any(_adapted_layer(k) is not None for k in state)
+
+
+def _lora_alpha(tag_dir: Path) -> float | None:
+    path = tag_dir / "config.yaml"
+    data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    return (((data or {}).get("finetune") or {}).get("lora") or {}).get("alpha")
+
+
+def _merged_layer(own: dict[str, torch.Tensor], lora_alpha: float | None, name: str) -> torch.nn.Module:
+    """One peft layer rebuilt from its tensors (a Linear or Conv2d of their shapes), merged by peft itself."""
+    import peft
+    from torch import nn
+
+    weight, bias = own["base_layer.weight"], own.get("base_layer.bias")
+    if weight.dim() == 2:
+        base = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    elif weight.dim() == 4:  # the policy only adapts ungrouped convs: in_channels = weight.shape[1]
+        base = nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), bias=bias is not None)
+    else:
+        raise CheckpointError(f"checkpoint: cannot merge the adapter of {name} (a {weight.dim()}-d weight)")
+    kinds = {_adapter_kind(f".{k}") for k in own} - {None}
+    if kinds == {"lora"}:
+        if lora_alpha is None:
+            raise CheckpointError(f"checkpoint: {name} has a LoRA adapter but no finetune.lora.alpha in config.yaml")
+        rank = own[f"lora_A.{ADAPTER_NAME}.weight"].shape[0]
+        config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=["layer"])
+    elif kinds == {"ia3"}:
+        scale = own[f"ia3_l.{ADAPTER_NAME}"]
+        # mm-ptft's ia3 scales a conv's input; a Linear's vector says which side it scales: (1, in) or (out, 1)
+        feedforward = weight.dim() == 4 or tuple(scale.shape) == (1, weight.shape[1])
+        config = peft.IA3Config(target_modules=["layer"], feedforward_modules=["layer"] if feedforward else [])
+    else:
+        raise CheckpointError(f"checkpoint: cannot merge the adapters of {name} ({', '.join(sorted(own))})")
+    holder = nn.Module()
+    holder.layer = base
+    peft.inject_adapter_in_model(config, holder)
+    holder.layer.load_state_dict(own, strict=True)
+    holder.layer.merge()
+    return holder.layer.get_base_layer()
+
+
+def merge_adapters(state: dict[str, torch.Tensor], lora_alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """The weights of a model with peft adapters (``<layer>.base_layer.weight`` + ``<layer>.lora_A.default.weight``
+    … or ``<layer>.ia3_l.default``) as the same model's plain weights (``<layer>.weight``), every adapter merged in
+    by peft's own merge. LoRA's scale is ``lora_alpha`` / rank.
+
+    Raises:
+        CheckpointError: an adapter of a kind or on a layer this cannot rebuild.
+    """
+    layers = {layer for layer in map(_adapted_layer, state) if layer is not None}
+    merged = {}
+    for name in sorted(layers):
+        own = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
+        if "base_layer.weight" not in own:
+            raise CheckpointError(
+                f"checkpoint: the weights hold {name}'s adapter but not the frozen weight it adapts "
+                f"({name}.base_layer.weight); were the frozen parameters left out of the checkpoint?"
+            )
+        with torch.no_grad():
+            layer = _merged_layer(own, lora_alpha, name)
+        merged.update({f"{name}.{k}": v.detach().clone() for k, v in layer.state_dict().items()})
+    out = {}
+    for k, v in state.items():  # the original order, each adapted layer's tensors where its base weights were
+        if BASE_LAYER in k:
+            plain = k.replace(BASE_LAYER, ".")
+            out[plain] = merged[plain]
+        elif _adapter_kind(k) is None:
+            out[k] = v
+    return out
+
+
+def _onto_adapters(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Plain (merged) weights mapped onto a model with peft adapters: each base layer takes the plain weights, each
+    adapter the identity (LoRA's B = 0, IA3's scales = 1), so the model computes what the plain weights do."""
+    out = dict(state)
+    for k, v in own.items():
+        plain = k.replace(BASE_LAYER, ".")
+        if BASE_LAYER in k and plain in out:
+            out[k] = out.pop(plain)
+        elif ".lora_B." in k:
+            out[k] = torch.zeros_like(v)
+        elif ".ia3_l." in k:
+            out[k] = torch.ones_like(v)
+        elif ".lora_A." in k:
+            out[k] = v.detach().clone()  # any value: B = 0 multiplies it away
+    return out
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -291,8 +408,11 @@ def saved_config(
 
 
 def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
-    """Load ``state`` strictly, turning shape / key mismatches into a one-line error."""
+    """Load ``state`` strictly, turning shape / key mismatches into a one-line error. Plain weights load into a model
+    with peft adapters too (merged weights into a model built as trained: the adapters become the identity)."""
     own = model.state_dict()
+    if has_adapters(own) and not has_adapters(state):
+        state = _onto_adapters(own, state)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -321,6 +441,7 @@ __all__ = [
     "load_model_weights",
     "load_trainer_state",
     "load_weights",
+    "merge_adapters",
     "publish",
     "read_meta",
     "resolve_resume",

@@ -226,9 +226,36 @@ class TrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    """``finetune.lora``: low-rank adapters (peft LoRA) on the tower's layers; W + (alpha / rank) · B A."""
+
+    rank: int = 8  # r of every adapter (A: rank × in, B: out × rank; B starts at 0, so step 0 is the pretrained tower)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input, in [0, 1)
+    # module names (or name endings, as peft matches them: 'attn.qkv' matches 'blocks.0.attn.qkv') inside the timm
+    # trunk / transformers model; None → per tower kind: every Linear of a ViT's blocks or a text encoder's layers,
+    # every Linear and ungrouped Conv2d of a CNN (mm_ptft/finetune/peft.py)
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class IA3Config:
+    """``finetune.ia3``: (IA)³ (peft IA3): learned per-channel scales of some layers' outputs (or inputs)."""
+
+    # module names or name endings, as for LoRA; None → keys / values and the MLP's output layer of each block (ViT,
+    # BERT, ModernBERT), every ungrouped Conv2d of a CNN
+    target_modules: list[str] | None = None
+    # the targets whose input (not output) is scaled (IA3's feed-forward scale); None → the MLP output layers of the
+    # defaults. A CNN's convs always scale their input: a scale of a conv's output is undone by the BatchNorm after it
+    feedforward_modules: list[str] | None = None
+
+
+@dataclass
 class FinetuneConfig:
     init: str | None = None  # pretrained weights: run dir, checkpoint dir (any ZeRO stage), .safetensors; None → none
-    policy: Literal["linear-probe", "last-n", "full"] = "full"  # what trains besides the head (mm_ptft/finetune)
+    # what trains besides the head (mm_ptft/finetune): lora / ia3 add peft adapters (merged into the tower in
+    # model.safetensors and consolidation); bias trains the tower's bias terms only (BitFit)
+    policy: Literal["linear-probe", "last-n", "full", "lora", "ia3", "bias"] = "full"
     unlocked_groups: int = 2  # last-n: trailing layer groups of the tower that train (image: timm groups; text: layers)
     head_init: Literal["random", "zeroshot"] = "random"  # zeroshot: class-name embeddings of the text tower (image)
     head_input: Literal["pooled", "embedding"] | None = None  # pooled trunk features or the L2-normalised projected
@@ -239,6 +266,8 @@ class FinetuneConfig:
     mixup: float = 0.0  # mixup alpha (0 → off); mixup/cutmix need an even per-rank batch
     cutmix: float = 0.0  # cutmix alpha (0 → off)
     mixup_prob: float = 1.0  # probability a batch is mixed
+    lora: LoraConfig = field(default_factory=LoraConfig)  # policy lora
+    ia3: IA3Config = field(default_factory=IA3Config)  # policy ia3
 
 
 @dataclass

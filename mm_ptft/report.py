@@ -559,8 +559,19 @@ def _summary_md(stats: Mapping[str, Any], skipped: int) -> str:
         rows.append(("Negatives per sample in the loss", fmt(stats["negatives"])))
     if stats["final_logit_bias"] is not None:
         rows.append(("Final logit bias", fmt(stats["final_logit_bias"])))
+    if stats["summary"].get("params/trainable") is not None:
+        rows.append(("Trainable parameters", _params_label(stats["summary"])))
     rows.append(("Metrics records (unparseable lines skipped)", f"{stats['num_records']:,} ({skipped:,})"))
     return "## Summary\n\n" + _table(("", "value"), rows)
+
+
+def _params_label(summary: Mapping[str, Any]) -> str:
+    """'12,345 of 1,234,567 (1.00% of the model; 0.80% of the tower's 1,200,000)' from the summary's params/ keys."""
+    s = summary
+    label = f"{s['params/trainable']:,} of {s['params/total']:,} ({s['params/trainable_share']:.2%}"
+    if s.get("params/tower") is not None:
+        label += f" of the model; {s['params/tower_trainable_share']:.2%} of the tower's {s['params/tower']:,}"
+    return label + ")"
 
 
 def _steady_label(median: float | None, start: float | None) -> str:

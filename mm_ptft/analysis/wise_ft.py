@@ -76,6 +76,8 @@ def wise_ft(run_dir: str | Path, alphas: list[float], which: str = "best", overr
     cfg = run_config(run_dir, [*(overrides or []), "eval.evaluators=[classification]"])
     source = finetuned_weights(run_dir, which)
     theta_zs = {k: v.detach().clone() for k, v in create_task(cfg).model.state_dict().items()}
+    # a LoRA / IA3 run's start has peft's names (identity adapters): as plain weights, like the merged theta_ft
+    theta_zs = ckpt.merge_adapters(theta_zs, cfg.finetune.lora.alpha if cfg.finetune is not None else None)
     theta_ft = ckpt.load_weights(source)
     task = create_task(for_loading(cfg))
     rows = []

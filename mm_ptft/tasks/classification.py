@@ -86,6 +86,21 @@ class _ClassifierTask(Task):
                 "finetune.head_init=zeroshot needs finetune.head_input=embedding (the zero-shot classifier's space)",
             ),
             (ft.head_init != "zeroshot" or ft.init is not None, "finetune.head_init=zeroshot needs finetune.init"),
+            (ft.lora.rank >= 1, f"finetune.lora.rank must be >= 1, got {ft.lora.rank}"),
+            (ft.lora.alpha > 0, f"finetune.lora.alpha must be > 0, got {ft.lora.alpha}"),
+            (0.0 <= ft.lora.dropout < 1.0, f"finetune.lora.dropout must be in [0, 1), got {ft.lora.dropout}"),
+            (ft.lora.target_modules != [], "finetune.lora.target_modules is empty (null: the tower's defaults)"),
+            (ft.ia3.target_modules != [], "finetune.ia3.target_modules is empty (null: the tower's defaults)"),
+            (
+                ft.policy != "ia3" or cfg.deepspeed.zero_stage < 3,
+                "finetune.policy=ia3 needs deepspeed.zero_stage <= 2 (ZeRO-3 does not gather peft's IA3 scales, "
+                "which no submodule's forward owns); lora and bias train under ZeRO-3",
+            ),
+            (
+                ft.policy not in ("lora", "ia3", "bias") or cfg.deepspeed.zero_stage != 1,
+                f"finetune.policy={ft.policy} needs deepspeed.zero_stage 0, 2 or 3 (a ZeRO-1 checkpoint consolidates "
+                "without the frozen tower weights)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -151,7 +166,7 @@ class ClassificationTask(_ClassifierTask):
         model = ImageClassifier(tower, cfg.model.embed_dim, num_classes, head_input_of(cfg))
         if cfg.finetune.head_init == "zeroshot":
             model.set_zeroshot_head(classifier, scale)
-        apply_policy(model, cfg.finetune.policy, cfg.finetune.unlocked_groups)
+        apply_policy(model, cfg.finetune)
         return cls(model, cfg, classnames)
 
     def image_logits(self, image: torch.Tensor) -> torch.Tensor:
@@ -179,7 +194,7 @@ class TextClassificationTask(_ClassifierTask):
         if cfg.finetune.init is not None:
             load_tower(tower, cfg.finetune.init, "text.")
         model = TextClassifier(tower, cfg.model.embed_dim, num_classes, head_input_of(cfg))
-        apply_policy(model, cfg.finetune.policy, cfg.finetune.unlocked_groups)
+        apply_policy(model, cfg.finetune)
         return cls(model, cfg, classnames)
 
     def logits(self, batch: dict) -> torch.Tensor:

@@ -32,6 +32,7 @@ from mm_ptft.distributed import (
     is_main_process,
 )
 from mm_ptft.eval import plan_evals, run_evaluators
+from mm_ptft.finetune import parameter_counts, write_adapters
 from mm_ptft.tasks import configure_task, create_task
 from mm_ptft.train.accumulate import create_accumulation, negatives_per_loss
 from mm_ptft.train.ema import WeightEMA
@@ -99,6 +100,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
         self.task = create_task(cfg, self.rank, self.world)
         self.model = self.task.model
+        self.params = parameter_counts(self.model)  # before the engine partitions anything (ZeRO-3)
         if cfg.deepspeed.activation_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.tokenize = self._create_tokenize()
@@ -119,6 +121,7 @@ class Trainer:
         self._say_how_batches_accumulate()
 
         self.step = 0
+        self.params_logged = False  # the parameter counts go into this start's first train record (and the summary)
         self.best: dict | None = None  # {"step", "value"} of eval.select_metric's best evaluation
         self.report_images: dict[str, Path] = {}  # figures evaluators drew (caption → path), shown in the report
         self.evals_since_best = 0
@@ -133,6 +136,7 @@ class Trainer:
             self._resume(self.resume_dir)
         else:
             torch.manual_seed(cfg.train.seed + 1 + self.rank)  # different dropout / drop-path noise per rank
+        self._say_params()
 
     def _say_how_batches_accumulate(self) -> None:
         k = self.cfg.deepspeed.grad_accum_steps
@@ -151,6 +155,12 @@ class Trainer:
                 "gives one loss over all of them",
                 flush=True,
             )
+
+    def _say_params(self) -> None:
+        if is_main_process():
+            p = self.params
+            tower = f", {p['params/tower_trainable_share']:.2%} of the tower" if "params/tower" in p else ""
+            print(f"parameters: {p['params/trainable']:,} of {p['params/total']:,} train{tower}", flush=True)
 
     def _preflight(self) -> None:
         """Every check that needs no process group: fail here in one line, before ranks connect."""
@@ -325,6 +335,9 @@ class Trainer:
         for k, v in out.items():
             if k != "loss":
                 record[k] = v
+        if not self.params_logged:
+            record.update(self.params)
+            self.params_logged = True
         self.logger.log("train", self.step, record)
         if bad and read >= MIN_SAMPLES_FOR_BAD_CHECK and bad / read > self.cfg.data.max_bad_fraction:
             raise DataError(
@@ -499,6 +512,8 @@ class Trainer:
             if self.best is not None:
                 best = ckpt.consolidate(self.ckpt_dir / ckpt.BEST)
                 ckpt.save_weights(best, self.run_dir / "best.safetensors", {"step": str(self.best["step"])})
+            # peft adapters (finetune.policy lora / ia3) also unmerged, in peft's format: <run>/adapter[-best]
+            write_adapters(self.cfg, self.run_dir, tag_dir, self.ckpt_dir / ckpt.BEST if self.best else None)
         per_source = [float(c[k]) for c in self.source_counts.values() for k in ("samples", "bad")]
         totals = all_reduce_sum(torch.tensor([float(sum(self.bad.values())), *per_source], dtype=torch.float64))
         summary = {"step": self.step, "samples": self.step * self.global_batch, "bad_samples": int(totals[0].item())}
@@ -507,6 +522,7 @@ class Trainer:
             summary[f"data/{name}/bad"] = int(totals[2 + 2 * i].item())
         if self.negatives is not None:
             summary["negatives_per_loss"] = self.negatives
+        summary.update(self.params)
         summary.update(metrics)
         if self.best is not None:
             summary.update({"best_step": self.best["step"], f"best/{self.cfg.eval.select_metric}": self.best["value"]})

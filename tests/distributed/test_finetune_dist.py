@@ -1,5 +1,6 @@
 """Fine-tuning on 2 ranks under torchrun: ZeRO-3 (last-n, zero-shot head, evaluation in lock-step) and ZeRO-2
-(linear probe) image classification, and ZeRO-3 text classification — one launch for all three.
+(linear probe) image classification, ZeRO-3 text classification, and LoRA under ZeRO-2 and ZeRO-3 — one launch for
+all five.
 
 What a policy freezes must come out of any ZeRO stage exactly as it went in (rounded to the bf16 the engine holds
 it in): the reference is the pretrained checkpoint itself.
@@ -52,6 +53,10 @@ def scenarios(out: Path, image_data: str, text_data: str, pretrained: str) -> No
         "train.steps=3",
     )
     run(TEXT_TINY, text_data, "zero3-text", "deepspeed.zero_stage=3", "train.steps=4", "eval.every=2")  # fmt: skip
+    for stage in (2, 3):  # the same LoRA fine-tune (fp32) under both stages
+        run(FT_TINY, image_data, f"zero{stage}-lora", f"finetune.init={pretrained}", f"deepspeed.zero_stage={stage}",
+            "deepspeed.precision=fp32", "finetune.policy=lora", "finetune.lora.rank=4", "train.steps=3",
+            "optim.lr=5e-3", "eval.at_start=false")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +127,25 @@ def test_zero3_text_classification_runs_and_consolidates(launched):
 
 if __name__ == "__main__":
     scenarios(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
+
+
+def test_lora_under_zero2_and_zero3_merges_the_same_tower(launched):
+    """2 ranks, fp32: both stages consolidate to the same merged tower under plain names; the unmerged checkpoint
+    keeps the pretrained weights exactly as they were (the adapters trained); each run wrote its peft adapter."""
+    import torch
+
+    from mm_ptft import checkpoint as ckpt
+
+    out, pretrained = launched
+    z2, z3 = (ckpt.load_weights(out / f"zero{s}-lora" / "model.safetensors") for s in (2, 3))
+    assert z2.keys() == z3.keys() and not any(ckpt.BASE_LAYER in k or ".lora_" in k for k in z3)
+    for k in z3:
+        torch.testing.assert_close(z2[k], z3[k], atol=1e-5, rtol=0, msg=k)
+    pre = ckpt.load_weights(pretrained / "model.safetensors")
+    raw = ckpt.consolidate(ckpt.resolve_resume(out / "zero3-lora" / "checkpoints", "latest"), merge=False)
+    base = {k: v for k, v in raw.items() if ckpt.BASE_LAYER in k}
+    assert base and all(torch.equal(v, pre[k.replace(ckpt.BASE_LAYER, ".")]) for k, v in base.items())
+    assert max(v.abs().max().item() for k, v in raw.items() if ".lora_B." in k) > 1e-3
+    qkv = "image.trunk.blocks.0.attn.qkv.weight"
+    assert not torch.equal(z3[qkv], pre[qkv])  # the merged tower moved where the adapters are
+    assert all((out / f"zero{s}-lora" / "adapter" / "adapter_config.json").is_file() for s in (2, 3))
