@@ -9,6 +9,8 @@
     mm-ptft wise-ft runs/finetune-fmnist [--alphas 0,0.5,1] [eval.split=test]   (zero-shot ↔ fine-tuned interpolation)
     mm-ptft diff runs/pretrain-fmnist runs/finetune-fmnist --probe data/fmnist  (weight change + CKA per layer)
     mm-ptft export runs/pretrain-fmnist --out export/ [--to timm transformers open_clip onnx]
+    mm-ptft sweep -c configs/finetune/fmnist-cnn-full.yaml --space configs/sweep/fmnist-cnn-space.yaml --out DIR
+                  --trials 12 [--timeout-min 60] [--ranks 2]        (Optuna search over fine-tuning strategies)
     mm-ptft clip-benchmark eval --model runs/pretrain-fmnist --dataset wds/fmnist --dataset_root data/fmnist-cb
 
 Errors a person can act on (a bad config key, a missing shard, an unusable checkpoint) print one line and exit 2.
@@ -23,7 +25,7 @@ import re
 import sys
 import warnings
 
-from mm_ptft.cli import evaluate, export, train  # noqa: F401 - register their commands
+from mm_ptft.cli import evaluate, export, sweep, train  # noqa: F401 - register their commands
 from mm_ptft.cli.base import COMMANDS
 
 
