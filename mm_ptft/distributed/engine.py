@@ -174,7 +174,17 @@ def fp32_state_dict(tag_dir: str | Path, param_group_names: list[list[str]] | No
 
         with safe_torch_load(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        return {k: v.float().contiguous() for k, v in state.items()}
+        state = {k: v.float().contiguous() for k, v in state.items()}
+        # DeepSpeed records frozen parameters for stage >= 2 only: under ZeRO-1 a frozen layer (last-n, linear-probe,
+        # a locked tower, an adapter's base weights) is missing here, and its (unpartitioned) module state holds it
+        model_file = tag_dir / "mp_rank_00_model_states.pt"
+        if model_file.is_file():
+            with safe_torch_load():
+                module = torch.load(model_file, map_location="cpu").get("module") or {}
+            for k, v in module.items():
+                if k not in state and torch.is_tensor(v) and v.numel() > 0:  # ZeRO-3 keeps empty placeholders here
+                    state[k] = v.float().contiguous()
+        return state
     model_file = tag_dir / "mp_rank_00_model_states.pt"
     if not model_file.is_file():
         raise FileNotFoundError(f"checkpoint: {tag_dir} has no DeepSpeed model states file")
