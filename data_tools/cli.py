@@ -1,4 +1,5 @@
-"""Command line: ``python -m data_tools {fashion-mnist,folder,captions,openclipart,verify} ...``."""
+"""Command line: ``python -m data_tools COMMAND ...`` (fashion-mnist, folder, captions, clip-benchmark,
+detection-scenes, coco, text, fortunes, subset, openclipart, corrupt-captions, score, verify; ``--help`` lists them)."""
 
 from __future__ import annotations
 
@@ -112,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--limit", type=_positive_int, default=None, help="keep a seeded random N drawings (tests)")
     clip.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, help="skip larger undecoded")
     _add_write_options(clip, shuffle=False)
+
+    corrupt = sub.add_parser("corrupt-captions", help="copy a dataset with a fraction of one split's captions swapped")
+    corrupt.add_argument("--src", type=Path, required=True, help="data_tools dataset directory")
+    corrupt.add_argument("--out", type=Path, required=True, help="dataset directory to write")
+    corrupt.add_argument("--split", default="train", help="split whose captions are replaced (others are copied)")
+    corrupt.add_argument("--fraction", type=float, required=True, help="share of the split's captions replaced")
+    corrupt.add_argument("--seed", type=int, default=0, help="which samples, and whose captions they get")
+    corrupt.add_argument("--overwrite", action="store_true", help="replace files already in OUT")
+
+    score = sub.add_parser("score", help="image-text cosine of every sample under a trained model (parquet)")
+    score.add_argument("--model", required=True, help="run dir, checkpoint dir or .safetensors of a contrastive model")
+    score.add_argument("--data", type=Path, required=True, help="data_tools dataset directory")
+    score.add_argument("--split", default="train", help="split to score")
+    score.add_argument("--out", type=Path, required=True, help="parquet to write (per-shard parts in OUT.parts/)")
+    score.add_argument("--batch-size", type=_positive_int, default=256, help="samples per forward pass")
+    score.add_argument("--rank", type=int, default=0, help="this process's share: shard i where i %% world == rank")
+    score.add_argument("--world", type=_positive_int, default=1, help="number of scoring processes")
+    score.add_argument("--device", default="cpu", help="torch device")
+    score.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ver = sub.add_parser("verify", help="check shards; exit 0 clean, 1 problems, 2 usage error")
     ver.add_argument("target", help="dataset directory, split directory, shard file or brace pattern")
@@ -242,6 +262,29 @@ def _run_openclipart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_corrupt_captions(args: argparse.Namespace) -> int:
+    from data_tools.curate import CORRUPTED_PARQUET, write_corrupted_captions
+
+    entry, replaced = write_corrupted_captions(args.src, args.out, args.fraction, args.seed, args.split, args.overwrite)
+    print(f"{args.split}: {replaced} of {entry['num_samples']} captions replaced ({args.out / CORRUPTED_PARQUET})")
+    return 0
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from data_tools.curate import score_dataset
+
+    result = score_dataset(
+        args.model, args.data, args.out, args.split, args.batch_size, args.rank, args.world, args.device,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(
+        f"rank {args.rank}: {result.samples} samples scored in {result.scored_shards} shards "
+        f"({result.bad} unreadable), {result.skipped_shards} shards already done"
+    )
+    print(f"wrote {args.out}" if result.combined else "waiting for the other ranks' shards before combining")
+    return 0
+
+
 def _run_verify(args: argparse.Namespace) -> int:
     report = verify_dataset(args.target, args.split, progress=not args.quiet)
     print_report(report)
@@ -260,6 +303,8 @@ _COMMANDS = {
     "detection-scenes": _run_detection_scenes,
     "coco": _run_coco,
     "openclipart": _run_openclipart,
+    "corrupt-captions": _run_corrupt_captions,
+    "score": _run_score,
 }
 
 

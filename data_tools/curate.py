@@ -1,0 +1,370 @@
+"""Curation: ``corrupt-captions`` (a measured amount of caption noise) and ``score`` (image-text similarity under a
+trained model), the first steps of score → filter → train again.
+
+``corrupt-captions`` copies a dataset dir; in one split it replaces a seeded ``fraction`` of the captions with the
+caption of another sample of that split whose text differs, keeping keys, shard layout, images and labels. What it
+did is in ``OUT/corrupted.parquet`` (``key, shard, replaced, source_key``) and in each sample's json
+(``"caption_replaced"``).
+
+``score`` writes one row per sample, ``(shard, key, score, bad_reason)``: the cosine of the normalised image and
+text embeddings, or a null score and the reason the sample could not be read. Each shard's rows go to
+``OUT.parts/<shard>.parquet`` first (a rerun skips the shards that have one; ``--rank R --world N`` takes shard
+i where i % N == R), and the parts are combined into OUT once all of them exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from braceexpand import braceexpand
+from tqdm import tqdm
+
+from data_tools.shards import (
+    DATASET_JSON,
+    TMP_SUFFIX,
+    DataToolsError,
+    atomic_write_json,
+    finish_split,
+    prepare_split_dir,
+    read_json,
+)
+from data_tools.subset import RawShardWriter
+from data_tools.verify import BrokenTarError, iter_tar_samples
+
+CORRUPTED_PARQUET = "corrupted.parquet"
+PARTS_META = "meta.json"
+_TRY_DRAWS = 64  # random draws for a differing caption before falling back to listing every candidate
+
+
+# ---------------------------------------------------------------------------------------------- corrupt-captions
+def _dataset_meta(src: Path) -> dict:
+    if not (src / DATASET_JSON).is_file():
+        raise DataToolsError(f"{src} has no {DATASET_JSON} (write it with python -m data_tools)")
+    return read_json(src / DATASET_JSON)
+
+
+def _split_shards(root: Path, meta: dict, split: str) -> list[Path]:
+    splits = meta.get("splits", {})
+    if split not in splits:
+        raise DataToolsError(f"split {split!r} not in {root / DATASET_JSON} (has: {', '.join(splits)})")
+    return [Path(url) for url in braceexpand(str(root / splits[split]["pattern"]))]
+
+
+def _read_shard(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [{"__key__": key, **files} for key, files in iter_tar_samples(path)]
+    except (BrokenTarError, OSError) as exc:
+        raise DataToolsError(f"cannot read {path}: {exc} (run python -m data_tools verify)") from None
+
+
+def choose_replacements(captions: list[bytes], fraction: float, seed: int) -> dict[int, int]:
+    """``{sample index: index of the sample whose caption it gets}`` for ``round(fraction * n)`` seeded samples;
+    every source caption differs from the caption it replaces.
+
+    Raises:
+        DataToolsError: A chosen sample's caption equals every other caption (nothing to replace it with).
+    """
+    n = len(captions)
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(range(n), round(fraction * n)))
+    sources: dict[int, int] = {}
+    for i in chosen:
+        for _ in range(_TRY_DRAWS):
+            j = rng.randrange(n)
+            if captions[j] != captions[i]:
+                break
+        else:  # almost every caption is this one: draw among the few that differ
+            candidates = [j for j in range(n) if captions[j] != captions[i]]
+            if not candidates:
+                raise DataToolsError(f"every caption of the split is {captions[i][:60]!r}: none can replace another")
+            j = rng.choice(candidates)
+        sources[i] = j
+    return sources
+
+
+def _mark(sample: dict[str, Any], replaced: bool) -> bytes:
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    if not isinstance(meta, dict):
+        raise DataToolsError(f"sample {sample['__key__']}: json is not an object, cannot record caption_replaced")
+    meta["caption_replaced"] = replaced
+    return json.dumps(meta, ensure_ascii=False).encode("utf-8")
+
+
+def write_corrupted_captions(
+    src: Path, out: Path, fraction: float, seed: int = 0, split: str = "train", overwrite: bool = False
+) -> tuple[dict, int]:
+    """Copy ``src`` to ``out`` with ``round(fraction * n)`` captions of ``split`` replaced (see the module doc).
+
+    Returns:
+        (the split's dataset.json entry, number of captions replaced).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not 0 <= fraction <= 1:
+        raise DataToolsError(f"--fraction must be in [0, 1], got {fraction}")
+    if out.resolve() == src.resolve():
+        raise DataToolsError("--out must differ from --src")
+    meta = _dataset_meta(src)
+    paths = _split_shards(src, meta, split)
+    shards = [_read_shard(p) for p in paths]
+    flat = [(p.name, s) for p, samples in zip(paths, shards, strict=True) for s in samples]
+    missing = [s["__key__"] for _, s in flat if "txt" not in s]
+    if missing:
+        raise DataToolsError(f"{len(missing)} samples of {split} have no caption (txt), e.g. {missing[0]}")
+    sources = choose_replacements([s["txt"] for _, s in flat], fraction, seed)
+
+    # Every other file (other splits, class names, templates) byte for byte; the split itself is rewritten below.
+    out.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.name in (split, CORRUPTED_PARQUET):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out / item.name, dirs_exist_ok=overwrite)
+        elif (out / item.name).exists() and not overwrite and item.name != DATASET_JSON:
+            raise DataToolsError(f"{out / item.name} exists; pass --overwrite to replace it")
+        else:
+            shutil.copy2(item, out / item.name)
+    split_dir = prepare_split_dir(out, split, overwrite)
+
+    rows: dict[str, list] = {"key": [], "shard": [], "replaced": [], "source_key": []}
+    index = 0
+    with _ShardCopyWriter(split_dir, split, max((len(s) for s in shards), default=1) or 1) as writer:
+        for samples in tqdm(shards, desc=f"writing {split}", unit="shard", file=sys.stderr):
+            writer.next_shard()
+            for sample in samples:
+                source = sources.get(index)
+                copy = dict(sample, json=_mark(sample, source is not None))
+                if source is not None:
+                    copy["txt"] = flat[source][1]["txt"]
+                writer.write(copy)
+                rows["key"].append(sample["__key__"])
+                rows["shard"].append(flat[index][0])
+                rows["replaced"].append(source is not None)
+                rows["source_key"].append(flat[source][1]["__key__"] if source is not None else None)
+                index += 1
+    name = f"{meta.get('name', src.name)}-corrupt{fraction:g}-s{seed}"
+    atomic_write_json(out / DATASET_JSON, {**meta, "name": name})
+    entry = finish_split(out, split, writer.sizes, name)
+    schema = pa.schema(
+        [("key", pa.string()), ("shard", pa.string()), ("replaced", pa.bool_()), ("source_key", pa.string())]
+    )
+    tmp = out / (CORRUPTED_PARQUET + TMP_SUFFIX)
+    pq.write_table(pa.table(rows, schema=schema), tmp)
+    os.replace(tmp, out / CORRUPTED_PARQUET)
+    return entry, len(sources)
+
+
+class _ShardCopyWriter(RawShardWriter):
+    """Raw sample writer whose shard boundaries follow the source's (``next_shard``), so shard names and counts,
+    and hence each sample's (shard, key), stay those of the source."""
+
+    def next_shard(self) -> None:
+        self._finish_shard()
+        self._start_shard()
+
+
+# ------------------------------------------------------------------------------------------------------- score
+@dataclass
+class ScoreResult:
+    """What one ``score`` process did: shards it scored / skipped, samples scored, bad samples, combined or not."""
+
+    scored_shards: int
+    skipped_shards: int
+    samples: int
+    bad: int
+    combined: bool
+
+
+class _LastReason:
+    """The ``log`` a decoder reports a bad sample to: keeps the reason instead of warning."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def __call__(self, reason: str, url: str, detail: str) -> None:
+        self.reason = f"{reason}: {detail}"
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _part_path(parts: Path, shard: Path) -> Path:
+    return parts / f"{shard.name}.parquet"
+
+
+def _score_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [("shard", pa.string()), ("key", pa.string()), ("score", pa.float64()), ("bad_reason", pa.string())]
+    )
+
+
+def _write_parquet(rows: dict[str, list], path: Path, tmp_tag: str = "") -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f"{path.name}{tmp_tag}{TMP_SUFFIX}")
+    pq.write_table(pa.table(rows, schema=_score_schema()), tmp)
+    os.replace(tmp, path)
+
+
+def _check_parts_meta(parts: Path, identity: dict) -> None:
+    path = parts / PARTS_META
+    if path.is_file():
+        old = read_json(path)
+        if old != identity:
+            raise DataToolsError(
+                f"{parts} holds scores of another run ({old}); delete it or choose another --out to start afresh"
+            )
+    else:
+        atomic_write_json(path, identity)
+
+
+class Scorer:
+    """A trained model's image-text cosine for raw shard samples: the task's evaluation decoder (``train=False``
+    transforms) and collator with the model's own tokenizer, as every evaluation prepares batches."""
+
+    def __init__(self, model: str | Path, device: str = "cpu") -> None:
+        """Load ``model`` (run dir, checkpoint dir or weights file) with :func:`mm_ptft.tasks.load_trained`."""
+        import torch
+
+        from mm_ptft.config import ConfigError
+        from mm_ptft.data.stats import image_norm_stats
+        from mm_ptft.models import Tokenize
+        from mm_ptft.tasks import load_trained
+
+        try:
+            cfg, task = load_trained(model)
+        except (ConfigError, RuntimeError, OSError) as exc:  # RuntimeError: mm_ptft's CheckpointError
+            raise DataToolsError(f"cannot load model {model}: {exc}") from None
+        if not (hasattr(task, "encode_image") and hasattr(task, "encode_text")):
+            raise DataToolsError(f"{model} is a {cfg.task!r} model; score needs an image-text (contrastive) one")
+        self.device = torch.device(device)
+        self.task = task.to(self.device)
+        mean, std = image_norm_stats(cfg)
+        self.decoder = task.decoder(cfg, False, mean, std)
+        self.collator = task.collator(Tokenize.create(cfg.model.text))
+
+    def decode(self, raw: dict) -> tuple[dict | None, str | None]:
+        """(decoded sample, None) or (None, the reason it is unusable)."""
+        log = _LastReason()
+        item = self.decoder(raw, log)
+        return item, (None if item is not None else log.reason or "unusable")
+
+    def __call__(self, items: list[dict]) -> list[float]:
+        """Cosine similarity of each decoded item's image and caption, (B,) as floats."""
+        import torch
+
+        batch = self.collator(items)
+        with torch.no_grad():
+            image = self.task.encode_image(batch["image"].to(self.device))  # (B, D), L2-normalised
+            text = self.task.encode_text(
+                batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            )  # (B, D), L2-normalised
+        return (image.float() * text.float()).sum(-1).cpu().tolist()
+
+
+def _score_shard(scorer: Scorer, shard: Path, batch_size: int) -> dict[str, list]:
+    rows: dict[str, list] = {"shard": [], "key": [], "score": [], "bad_reason": []}
+    pending: list[tuple[int, dict]] = []  # (row index, decoded item) waiting for a full batch
+
+    def add(key: str | None, reason: str | None) -> int:
+        rows["shard"].append(shard.name)
+        rows["key"].append(key)
+        rows["score"].append(None)
+        rows["bad_reason"].append(reason)
+        return len(rows["key"]) - 1
+
+    def flush() -> None:
+        for (row, _), score in zip(pending, scorer([item for _, item in pending]), strict=True):
+            rows["score"][row] = score
+        pending.clear()
+
+    try:
+        for key, files in iter_tar_samples(shard):
+            item, reason = scorer.decode({"__key__": key, "__url__": str(shard), **files})
+            row = add(key, reason)
+            if item is not None:
+                pending.append((row, item))
+                if len(pending) >= batch_size:
+                    flush()
+    except (BrokenTarError, OSError) as exc:  # the samples before the break are scored; the break is one row
+        add(getattr(exc, "key", None), f"tar_error: {exc}")
+    if pending:
+        flush()
+    return rows
+
+
+def score_dataset(
+    model: str | Path,
+    data: Path,
+    out: Path,
+    split: str = "train",
+    batch_size: int = 256,
+    rank: int = 0,
+    world: int = 1,
+    device: str = "cpu",
+    progress: bool = True,
+) -> ScoreResult:
+    """Score every sample of ``data``'s ``split`` this rank owns (see the module doc) and combine the parts into
+    ``out`` once every shard has one.
+
+    Raises:
+        DataToolsError: bad rank / world, a missing split, a model that is not image-text, parts of another run.
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise DataToolsError(f"--rank must be in [0, --world), got rank {rank}, world {world}")
+    if batch_size < 1:
+        raise DataToolsError(f"--batch-size must be at least 1, got {batch_size}")
+    shards = _split_shards(data, _dataset_meta(data), split)
+    parts = _parts_dir(out)
+    parts.mkdir(parents=True, exist_ok=True)
+    _check_parts_meta(parts, {"model": str(Path(model).resolve()), "data": str(data.resolve()), "split": split})
+    mine = [s for i, s in enumerate(shards) if i % world == rank]
+    todo = [s for s in mine if not _part_path(parts, s).is_file()]
+    scorer = Scorer(model, device) if todo else None
+    samples = bad = 0
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"score rank {rank}", unit="shard",
+               file=sys.stderr, disable=not progress)  # fmt: skip
+    for shard in todo:
+        rows = _score_shard(scorer, shard, batch_size)
+        _write_parquet(rows, _part_path(parts, shard))
+        samples += len(rows["key"])
+        bad += sum(r is not None for r in rows["bad_reason"])
+        bar.update(1)
+        bar.set_postfix(samples=samples, bad=bad)
+    bar.close()
+    combined = all(_part_path(parts, s).is_file() for s in shards)
+    if combined:
+        _combine(shards, parts, out, rank)
+    return ScoreResult(len(todo), len(mine) - len(todo), samples, bad, combined)
+
+
+def _combine(shards: list[Path], parts: Path, out: Path, rank: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(_part_path(parts, s), schema=_score_schema()) for s in shards])
+    tmp = out.with_name(f"{out.name}.rank{rank}{TMP_SUFFIX}")  # ranks finishing together never share a temp file
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)
+
+
+__all__ = [
+    "CORRUPTED_PARQUET",
+    "ScoreResult",
+    "Scorer",
+    "choose_replacements",
+    "score_dataset",
+    "write_corrupted_captions",
+]

@@ -1,0 +1,168 @@
+"""data_tools curation: ``corrupt-captions`` against the source shards read with plain tarfile, ``score`` against
+the model's own embeddings, with bad samples, resume and ranks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import corrupt_image, tar_samples
+
+from data_tools import main, verify_dataset
+from data_tools.curate import CORRUPTED_PARQUET, choose_replacements, score_dataset
+
+
+def _split(root: Path, split: str = "train") -> dict[str, tuple[str, dict[str, bytes]]]:
+    """{key: (shard name, {ext: bytes})} of a split, read with plain tarfile."""
+    out = {}
+    for shard in sorted((root / split).glob("*.tar")):
+        out.update({key: (shard.name, files) for key, files in tar_samples(shard).items()})
+    return out
+
+
+def _corrupt(src: Path, out: Path, *extra: str) -> Path:
+    assert main(["corrupt-captions", "--src", str(src), "--out", str(out), "--fraction", "0.3", *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def corrupted(fmnist_tiny, tmp_path_factory) -> Path:
+    return _corrupt(fmnist_tiny, tmp_path_factory.mktemp("curate") / "noisy", "--seed", "0")
+
+
+@pytest.fixture(scope="module")
+def corrupted_scores(corrupted, pretrained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("scores") / "noisy.parquet"
+    args = ["score", "--model", str(pretrained), "--data", str(corrupted), "--out", str(out), "--batch-size", "64"]
+    assert main([*args, "--quiet"]) == 0
+    return out
+
+
+def test_corrupt_captions_replaces_and_records(fmnist_tiny: Path, corrupted: Path) -> None:
+    before, after = _split(fmnist_tiny), _split(corrupted)
+    table = pq.read_table(corrupted / CORRUPTED_PARQUET).to_pylist()
+    assert [r["key"] for r in table] == list(after) and set(after) == set(before)
+    assert sum(r["replaced"] for r in table) == round(0.3 * len(before)) == 180
+    for row in table:
+        shard, files = after[row["key"]]
+        src_shard, src_files = before[row["key"]]
+        assert row["shard"] == shard == src_shard
+        meta = json.loads(files["json"])
+        assert meta.pop("caption_replaced") is row["replaced"]
+        assert meta == json.loads(src_files["json"])  # label untouched
+        assert files["png"] == src_files["png"]
+        if row["replaced"]:
+            assert files["txt"] != src_files["txt"]
+            assert files["txt"] == before[row["source_key"]][1]["txt"]
+            assert row["source_key"] != row["key"]
+        else:
+            assert files["txt"] == src_files["txt"] and row["source_key"] is None
+
+
+def test_corrupt_captions_keeps_other_splits_and_verifies(fmnist_tiny: Path, corrupted: Path) -> None:
+    assert verify_dataset(corrupted).ok
+    for path in sorted((fmnist_tiny / "test").iterdir()):
+        assert (corrupted / "test" / path.name).read_bytes() == path.read_bytes()
+    meta, src_meta = (json.loads((d / "dataset.json").read_text()) for d in (corrupted, fmnist_tiny))
+    assert meta["splits"] == src_meta["splits"] and meta["classnames"] == src_meta["classnames"]
+    assert meta["name"] != src_meta["name"]
+    assert (corrupted / "train" / "sizes.json").read_text() == (fmnist_tiny / "train" / "sizes.json").read_text()
+
+
+def test_corrupt_captions_is_deterministic(fmnist_tiny: Path, corrupted: Path, tmp_path: Path) -> None:
+    again = _corrupt(fmnist_tiny, tmp_path / "again", "--seed", "0")
+    assert pq.read_table(again / CORRUPTED_PARQUET).equals(pq.read_table(corrupted / CORRUPTED_PARQUET))
+    assert _split(again) == _split(corrupted)
+    other = _corrupt(fmnist_tiny, tmp_path / "other", "--seed", "1")
+    assert (
+        pq.read_table(other / CORRUPTED_PARQUET)["replaced"] != pq.read_table(corrupted / CORRUPTED_PARQUET)["replaced"]
+    )
+
+
+def test_choose_replacements_never_keeps_the_text() -> None:
+    captions = [b"same"] * 9 + [b"other"]
+    sources = choose_replacements(captions, 1.0, seed=3)
+    assert len(sources) == 10 and all(captions[j] != captions[i] for i, j in sources.items())
+    assert main(["corrupt-captions", "--src", "/nonexistent", "--out", "/tmp/x", "--fraction", "2"]) == 2
+
+
+def test_score_matches_the_model(corrupted: Path, corrupted_scores: Path, pretrained: Path) -> None:
+    from mm_ptft.data.stats import image_norm_stats
+    from mm_ptft.models import Tokenize
+    from mm_ptft.tasks import load_trained
+
+    rows = pq.read_table(corrupted_scores).to_pylist()
+    samples = _split(corrupted)
+    assert [(r["shard"], r["key"]) for r in rows] == [(shard, key) for key, (shard, _) in samples.items()]
+    assert all(r["bad_reason"] is None and r["score"] is not None for r in rows)
+    # reference: the first 8 samples of shard 0 through the evaluation decoder, cosine computed here
+    cfg, task = load_trained(pretrained)
+    decoder = task.decoder(cfg, False, *image_norm_stats(cfg))
+    keys = list(samples)[:8]
+    batch = task.collator(Tokenize.create(cfg.model.text))(
+        [decoder({"__key__": k, "__url__": "x", **samples[k][1]}, print) for k in keys]
+    )
+    with torch.no_grad():
+        image = task.model.encode_image(batch["image"], normalize=False)
+        text = task.model.encode_text(batch["input_ids"], batch["attention_mask"], normalize=False)
+    expected = torch.nn.functional.cosine_similarity(image.double(), text.double(), dim=-1)
+    got = torch.tensor([r["score"] for r in rows[:8]], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_replaced_pairs_score_lower(corrupted: Path, corrupted_scores: Path) -> None:
+    scores = {r["key"]: r["score"] for r in pq.read_table(corrupted_scores).to_pylist()}
+    replaced = [scores[r["key"]] for r in pq.read_table(corrupted / CORRUPTED_PARQUET).to_pylist() if r["replaced"]]
+    clean = [scores[r["key"]] for r in pq.read_table(corrupted / CORRUPTED_PARQUET).to_pylist() if not r["replaced"]]
+    assert sum(replaced) / len(replaced) < sum(clean) / len(clean)
+
+
+def test_score_bad_sample_and_resume(fmnist_copy: Path, pretrained: Path, tmp_path: Path) -> None:
+    shards = sorted((fmnist_copy / "train").glob("*.tar"))
+    bad_key = sorted(tar_samples(shards[1]))[5]
+    corrupt_image(shards[1], bad_key)
+    out = tmp_path / "scores.parquet"
+    first = score_dataset(pretrained, fmnist_copy, out, batch_size=64, progress=False)
+    assert (first.scored_shards, first.skipped_shards, first.bad, first.combined) == (6, 0, 1, True)
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 600
+    bad = [r for r in rows if r["bad_reason"] is not None]
+    assert [(r["shard"], r["key"], r["score"]) for r in bad] == [(shards[1].name, bad_key, None)]
+    assert bad[0]["bad_reason"].startswith("bad_image")
+
+    parts = tmp_path / "scores.parquet.parts"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
+    (parts / f"{shards[2].name}.parquet").unlink()
+    out.unlink()
+    again = score_dataset(pretrained, fmnist_copy, out, batch_size=64, progress=False)
+    assert (again.scored_shards, again.skipped_shards) == (1, 5)
+    for name, mtime in mtimes.items():
+        if name != f"{shards[2].name}.parquet":
+            assert (parts / name).stat().st_mtime_ns == mtime
+    assert pq.read_table(out).to_pylist() == rows
+
+
+def test_score_two_ranks_cover_every_sample_once(fmnist_tiny: Path, pretrained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ranked.parquet"
+    base = ["score", "--model", str(pretrained / "model.safetensors"), "--data", str(fmnist_tiny), "--out", str(out)]
+    assert main([*base, "--rank", "0", "--world", "2", "--quiet"]) == 0
+    assert not out.exists()
+    assert sorted(p.name for p in (tmp_path / "ranked.parquet.parts").glob("*.parquet")) == [
+        f"shard-00000{i}.tar.parquet" for i in (0, 2, 4)
+    ]
+    assert main([*base, "--rank", "1", "--world", "2", "--quiet"]) == 0
+    keys = [(r["shard"], r["key"]) for r in pq.read_table(out).to_pylist()]
+    assert len(keys) == len(set(keys)) == 600
+    assert {k for _, k in keys} == set(_split(fmnist_tiny))
+
+
+def test_score_refuses_parts_of_another_run(fmnist_tiny: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "s.parquet"
+    parts = tmp_path / "s.parquet.parts"
+    parts.mkdir()
+    (parts / "meta.json").write_text(json.dumps({"model": "elsewhere"}))
+    assert main(["score", "--model", "x", "--data", str(fmnist_tiny), "--out", str(out)]) == 2
+    assert "another run" in capsys.readouterr().err
