@@ -53,30 +53,34 @@ def _default_name(path: str) -> str:
     return parts[-1] if parts else "source"
 
 
-def source_paths(cfg: DataConfig) -> list[tuple[str, str]]:
-    """(path, split) of every source of ``cfg.train`` (none when it is unset)."""
+def _entries(cfg: DataConfig) -> list[SourceConfig]:
+    """``cfg.train`` as a list of sources (a single path is one source of weight 1; none when it is unset)."""
     if cfg.train is None:
         return []
-    entries = cfg.train if isinstance(cfg.train, list) else [SourceConfig(path=cfg.train)]
-    return [(e.path, e.split or cfg.train_split) for e in entries]
+    return cfg.train if isinstance(cfg.train, list) else [SourceConfig(path=cfg.train)]
+
+
+def source_paths(cfg: DataConfig) -> list[tuple[str, str]]:
+    """(path, split) of every source of ``cfg.train`` (none when it is unset)."""
+    return [(e.path, e.split or cfg.train_split) for e in _entries(cfg)]
 
 
 def resolve_sources(cfg: DataConfig) -> list[Source]:
     """The sources of ``cfg.train`` with their shards resolved (local shards checked to exist).
 
     Raises:
-        DataError: a source's shards cannot be found (the message names the source).
-        ValueError: two sources have the same name (give them ``name:``).
+        DataError: a source's shards cannot be found (the message names the source), or two sources have the same
+            name (give them ``name:``).
     """
-    entries = cfg.train if isinstance(cfg.train, list) else [SourceConfig(path=cfg.train)]
+    entries = _entries(cfg)
     sources = []
-    for i, (entry, (path, split)) in enumerate(zip(entries, source_paths(cfg))):
+    for i, entry in enumerate(entries):
         try:
-            shards = resolve_shards(path, split, cfg.remote)
+            shards = resolve_shards(entry.path, entry.split or cfg.train_split, cfg.remote)
         except DataError as e:
             if len(entries) == 1:
                 raise
-            raise DataError(f"data.train[{i}] ({path}): {str(e).removeprefix('data: ')}") from None
+            raise DataError(f"data.train[{i}] ({entry.path}): {str(e).removeprefix('data: ')}") from None
         name = entry.name or shards.meta.get("name") or _default_name(entry.path)
         sources.append(Source(name=str(name), shards=shards, weight=float(entry.weight)))
     names = [s.name for s in sources]

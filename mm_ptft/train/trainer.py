@@ -292,6 +292,10 @@ class Trainer:
             with (self.run_dir / f"keys_rank{self.rank}.jsonl").open("a") as f:
                 f.write(json.dumps({"step": self.step, "keys": batch["key"]}) + "\n")
 
+    def _source_values(self) -> list[float]:
+        """This rank's per-source counts, flat in the order the logs read them: samples, bad of each source."""
+        return [float(c[k]) for c in self.source_counts.values() for k in ("samples", "bad")]
+
     def _progress(self):
         if not (self.cfg.train.progress and is_main_process()):
             return None
@@ -301,10 +305,9 @@ class Trainer:
 
     def _log_train(self, out: dict, window: dict) -> None:
         # one collective per log step: loss averaged over ranks, bad-sample counts summed over ranks
-        per_source = [float(c[k]) for c in self.source_counts.values() for k in ("samples", "bad")]
         stats = all_reduce_sum(
             torch.tensor(
-                [window["loss"], float(sum(self.bad.values())), float(self.samples_read), *per_source],
+                [window["loss"], float(sum(self.bad.values())), float(self.samples_read), *self._source_values()],
                 dtype=torch.float64,
             )
         )
@@ -514,8 +517,9 @@ class Trainer:
                 ckpt.save_weights(best, self.run_dir / "best.safetensors", {"step": str(self.best["step"])})
             # peft adapters (finetune.policy lora / ia3) also unmerged, in peft's format: <run>/adapter[-best]
             write_adapters(self.cfg, self.run_dir, tag_dir, self.ckpt_dir / ckpt.BEST if self.best else None)
-        per_source = [float(c[k]) for c in self.source_counts.values() for k in ("samples", "bad")]
-        totals = all_reduce_sum(torch.tensor([float(sum(self.bad.values())), *per_source], dtype=torch.float64))
+        totals = all_reduce_sum(
+            torch.tensor([float(sum(self.bad.values())), *self._source_values()], dtype=torch.float64)
+        )
         summary = {"step": self.step, "samples": self.step * self.global_batch, "bad_samples": int(totals[0].item())}
         for i, name in enumerate(self.source_counts):  # a mixture: raw samples and bad samples per source, all ranks
             summary[f"data/{name}/samples"] = int(totals[1 + 2 * i].item())
