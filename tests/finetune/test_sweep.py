@@ -176,6 +176,9 @@ def test_the_example_spaces_fit_their_recipes():
     cnn = load_space(CONFIGS / "sweep" / "fmnist-cnn-space.yaml")
     cnn.check_against(CONFIGS / "finetune" / "fmnist-cnn-full.yaml", [])
     assert {p.key for p in cnn.params} >= {"finetune.policy", "optim.lr", "train.steps", "finetune.lora.rank"}
+    labels = load_space(CONFIGS / "sweep" / "fmnist-cnn-labels-space.yaml")
+    labels.check_against(CONFIGS / "finetune" / "fmnist-cnn-full.yaml", ["model.image.image_size=48"])
+    assert {p.key for p in labels.params} >= {"finetune.policy", "finetune.head_init", "optim.lr", "train.steps"}
 
 
 def test_trial_commands_for_one_and_n_ranks():

@@ -212,9 +212,11 @@ def test_transfer_study_tiny_twin_trains_every_cell_from_the_right_start(fmnist_
             "--fractions", "0.1,1", "--steps-scale", "0.01", "deepspeed.precision=fp32"]  # fmt: skip
     assert study.main(args) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert len(rows) == 2 * 3 * 2
+    assert len(rows) == 2 * 4 * 2  # fractions × policies (linear-probe, last-n, full, lora) × starts
     assert all(r["steps"] == max(1, round(study.POLICY[r["policy"]]["steps"] * 0.01)) for r in rows)
     assert all(0.0 <= r["test_acc1"] <= 1.0 for r in rows)
+    share = {r["policy"]: r["tower_trainable_share"] for r in rows}
+    assert share["linear-probe"] == 0.0 and share["full"] > 0.9 and 0.0 < share["lora"] < 0.2
     pre_state = load_weights(pre / "model.safetensors")
     runs = out / "runs"
     probe_pre = load_weights(runs / "f0.1-linear-probe-pretrained" / "model.safetensors")
@@ -229,7 +231,7 @@ def test_transfer_study_tiny_twin_trains_every_cell_from_the_right_start(fmnist_
     change = [r["relative_change"] for r in json.loads((diff / "diff.json").read_text())["weight_change"]]
     assert all(c == 0 for c in change[:-3]) and all(c > 0 for c in change[-3:-1]) and change[-1] == 0  # proj unused
     table = (out / "results.md").read_text()
-    assert table.count("| 10% |") == 3 and table.count("| 100% |") == 3
+    assert table.count("| 10% |") == 4 and table.count("| 100% |") == 4
     assert (out / "transfer.png").stat().st_size > 0
     assert study.main(args) == 0  # finished cells are skipped, not trained again
-    assert len(json.loads((out / "results.json").read_text())["rows"]) == 12
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 16
