@@ -1,5 +1,6 @@
 """Command line: ``python -m data_tools COMMAND ...`` (fashion-mnist, folder, captions, clip-benchmark,
-detection-scenes, coco, text, fortunes, subset, openclipart, corrupt-captions, score, verify; ``--help`` lists them)."""
+detection-scenes, coco, text, fortunes, subset, openclipart, corrupt-captions, score, filter, dedup, verify;
+``--help`` lists them)."""
 
 from __future__ import annotations
 
@@ -133,11 +134,52 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="cpu", help="torch device")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    _add_filter_parser(sub)
+    _add_dedup_parser(sub)
+
     ver = sub.add_parser("verify", help="check shards; exit 0 clean, 1 problems, 2 usage error")
     ver.add_argument("target", help="dataset directory, split directory, shard file or brace pattern")
     ver.add_argument("--split", default=None, help="with a dataset directory, check only this split")
     ver.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _add_filter_parser(sub) -> None:
+    filt = sub.add_parser("filter", help="keep the samples of a split a rule selects from a score table (+ report)")
+    filt.add_argument("--src", type=Path, required=True, help="data_tools dataset directory")
+    filt.add_argument("--scores", type=Path, required=True, help="parquet from data_tools score (shard, key, score)")
+    filt.add_argument("--out", type=Path, required=True, help="dataset directory to write")
+    filt.add_argument("--split", default="train", help="split to filter (others are copied)")
+    rule = filt.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--min-score", type=float, default=None, help="keep samples whose value is at least X")
+    rule.add_argument("--top-fraction", type=float, default=None, help="keep the F highest-valued samples")
+    filt.add_argument("--per", choices=["class", "caption-cluster"], default=None, help="--top-fraction per group")
+    filt.add_argument("--clusters", type=_positive_int, default=None, help="caption clusters (--per caption-cluster)")
+    filt.add_argument("--model", default=None, help="model whose text tower embeds captions (--per caption-cluster)")
+    filt.add_argument("--column", default="score", help="column of the scores table the rule reads")
+    filt.add_argument("--corrupted", type=Path, default=None, help="corrupted.parquet: measure replaced pairs")
+    filt.add_argument("--report", type=Path, default=None, help="report directory (default OUT/curation)")
+    filt.add_argument("--overwrite", action="store_true", help="replace files already in OUT")
+    filt.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_dedup_parser(sub) -> None:
+    dedup = sub.add_parser("dedup", help="remove exact (sha256) and near (embedding cosine) duplicate images")
+    dedup.add_argument("--src", type=Path, required=True, help="data_tools dataset directory")
+    dedup.add_argument("--out", type=Path, required=True, help="dataset directory to write")
+    dedup.add_argument("--split", default="train", help="split to deduplicate (others are copied)")
+    dedup.add_argument("--model", default=None, help="contrastive model for near duplicates (else exact only)")
+    dedup.add_argument("--threshold", type=float, default=0.95, help="cosine similarity that makes a near duplicate")
+    dedup.add_argument("--keep", choices=["first", "highest-score"], default="first", help="copy kept per group")
+    dedup.add_argument("--scores", type=Path, default=None, help="score parquet for --keep highest-score")
+    dedup.add_argument("--index", choices=["flat", "ivf"], default="flat", help="faiss index: exact or IVF")
+    dedup.add_argument("--nlist", type=_positive_int, default=None, help="IVF cells (default sqrt(N))")
+    dedup.add_argument("--nprobe", type=_positive_int, default=8, help="IVF cells searched per query")
+    dedup.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass")
+    dedup.add_argument("--device", default="cpu", help="torch device")
+    dedup.add_argument("--report", type=Path, default=None, help="report directory (default OUT/curation)")
+    dedup.add_argument("--overwrite", action="store_true", help="replace files already in OUT")
+    dedup.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _run_fashion_mnist(args: argparse.Namespace) -> int:
@@ -285,6 +327,37 @@ def _run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_filter(args: argparse.Namespace) -> int:
+    from data_tools.filter import FilterRule, filter_dataset
+
+    rule = FilterRule(args.min_score, args.top_fraction, args.per, args.clusters, args.column)
+    result = filter_dataset(
+        args.src, args.scores, args.out, rule, args.split, args.report, args.corrupted, args.model, args.overwrite,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(
+        f"{args.split}: kept {result.kept}, removed {result.removed}, unreadable {result.unreadable} "
+        f"({rule.describe()}); report in {result.report_dir}"
+    )
+    return 0
+
+
+def _run_dedup(args: argparse.Namespace) -> int:
+    from data_tools.dedup import dedup_dataset
+
+    result = dedup_dataset(
+        args.src, args.out, args.split, args.model, args.threshold, args.keep, args.scores, args.index, args.nlist,
+        args.nprobe, args.batch_size, args.report, args.device, args.overwrite, progress=not args.quiet,
+    )  # fmt: skip
+    near = "" if args.model else " (no --model: only exact duplicates removed)"
+    print(
+        f"{args.split}: kept {result.samples - result.exact_removed - result.near_removed} of {result.samples}; "
+        f"removed {result.exact_removed} exact and {result.near_removed} near duplicates in {result.groups} groups"
+        f"{near}; {args.out / 'duplicates.parquet'}, report in {result.report_dir}"
+    )
+    return 0
+
+
 def _run_verify(args: argparse.Namespace) -> int:
     report = verify_dataset(args.target, args.split, progress=not args.quiet)
     print_report(report)
@@ -305,6 +378,8 @@ _COMMANDS = {
     "openclipart": _run_openclipart,
     "corrupt-captions": _run_corrupt_captions,
     "score": _run_score,
+    "filter": _run_filter,
+    "dedup": _run_dedup,
 }
 
 

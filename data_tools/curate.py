@@ -44,13 +44,23 @@ _TRY_DRAWS = 64  # random draws for a differing caption before falling back to l
 
 
 # ---------------------------------------------------------------------------------------------- corrupt-captions
-def _dataset_meta(src: Path) -> dict:
+def dataset_meta(src: Path) -> dict:
+    """``src``'s dataset.json.
+
+    Raises:
+        DataToolsError: ``src`` has none (not a data_tools dataset dir) or it does not parse.
+    """
     if not (src / DATASET_JSON).is_file():
         raise DataToolsError(f"{src} has no {DATASET_JSON} (write it with python -m data_tools)")
     return read_json(src / DATASET_JSON)
 
 
-def _split_shards(root: Path, meta: dict, split: str) -> list[Path]:
+def split_shards(root: Path, meta: dict, split: str) -> list[Path]:
+    """The shard paths of ``split`` under ``root``, in pattern order.
+
+    Raises:
+        DataToolsError: ``split`` is not in ``meta``.
+    """
     splits = meta.get("splits", {})
     if split not in splits:
         raise DataToolsError(f"split {split!r} not in {root / DATASET_JSON} (has: {', '.join(splits)})")
@@ -97,6 +107,25 @@ def _mark(sample: dict[str, Any], replaced: bool) -> bytes:
     return json.dumps(meta, ensure_ascii=False).encode("utf-8")
 
 
+def copy_dataset_files(src: Path, out: Path, skip: set[str], overwrite: bool) -> None:
+    """Copy every file and folder of ``src`` but those named in ``skip`` into ``out`` byte for byte (other splits,
+    class names, templates; dataset.json, which the caller rewrites).
+
+    Raises:
+        DataToolsError: A file to copy already exists in ``out`` and ``overwrite`` is false.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.name in skip:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out / item.name, dirs_exist_ok=overwrite)
+        elif (out / item.name).exists() and not overwrite and item.name != DATASET_JSON:
+            raise DataToolsError(f"{out / item.name} exists; pass --overwrite to replace it")
+        else:
+            shutil.copy2(item, out / item.name)
+
+
 def write_corrupted_captions(
     src: Path, out: Path, fraction: float, seed: int = 0, split: str = "train", overwrite: bool = False
 ) -> tuple[dict, int]:
@@ -112,8 +141,8 @@ def write_corrupted_captions(
         raise DataToolsError(f"--fraction must be in [0, 1], got {fraction}")
     if out.resolve() == src.resolve():
         raise DataToolsError("--out must differ from --src")
-    meta = _dataset_meta(src)
-    paths = _split_shards(src, meta, split)
+    meta = dataset_meta(src)
+    paths = split_shards(src, meta, split)
     shards = [_read_shard(p) for p in paths]
     flat = [(p.name, s) for p, samples in zip(paths, shards, strict=True) for s in samples]
     missing = [s["__key__"] for _, s in flat if "txt" not in s]
@@ -121,22 +150,12 @@ def write_corrupted_captions(
         raise DataToolsError(f"{len(missing)} samples of {split} have no caption (txt), e.g. {missing[0]}")
     sources = choose_replacements([s["txt"] for _, s in flat], fraction, seed)
 
-    # Every other file (other splits, class names, templates) byte for byte; the split itself is rewritten below.
-    out.mkdir(parents=True, exist_ok=True)
-    for item in src.iterdir():
-        if item.name in (split, CORRUPTED_PARQUET):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, out / item.name, dirs_exist_ok=overwrite)
-        elif (out / item.name).exists() and not overwrite and item.name != DATASET_JSON:
-            raise DataToolsError(f"{out / item.name} exists; pass --overwrite to replace it")
-        else:
-            shutil.copy2(item, out / item.name)
+    copy_dataset_files(src, out, {split, CORRUPTED_PARQUET}, overwrite)
     split_dir = prepare_split_dir(out, split, overwrite)
 
     rows: dict[str, list] = {"key": [], "shard": [], "replaced": [], "source_key": []}
     index = 0
-    with _ShardCopyWriter(split_dir, split, max((len(s) for s in shards), default=1) or 1) as writer:
+    with ShardCopyWriter(split_dir, split, max((len(s) for s in shards), default=1) or 1) as writer:
         for samples in tqdm(shards, desc=f"writing {split}", unit="shard", file=sys.stderr):
             writer.next_shard()
             for sample in samples:
@@ -162,7 +181,7 @@ def write_corrupted_captions(
     return entry, len(sources)
 
 
-class _ShardCopyWriter(RawShardWriter):
+class ShardCopyWriter(RawShardWriter):
     """Raw sample writer whose shard boundaries follow the source's (``next_shard``), so shard names and counts,
     and hence each sample's (shard, key), stay those of the source."""
 
@@ -253,7 +272,8 @@ class Scorer:
         self.task = task.to(self.device)
         mean, std = image_norm_stats(cfg)
         self.decoder = task.decoder(cfg, False, mean, std)
-        self.collator = task.collator(Tokenize.create(cfg.model.text))
+        self.tokenize = Tokenize.create(cfg.model.text)
+        self.collator = task.collator(self.tokenize)
 
     def decode(self, raw: dict) -> tuple[dict | None, str | None]:
         """(decoded sample, None) or (None, the reason it is unusable)."""
@@ -272,6 +292,23 @@ class Scorer:
                 batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
             )  # (B, D), L2-normalised
         return (image.float() * text.float()).sum(-1).cpu().tolist()
+
+    def encode_images(self, items: list[dict]):
+        """L2-normalised image embeddings of decoded items, a (B, D) float32 numpy array (``dedup``'s vectors)."""
+        import torch
+
+        with torch.no_grad():
+            image = self.task.encode_image(torch.stack([item["image"] for item in items]).to(self.device))
+        return image.float().cpu().numpy()
+
+    def encode_texts(self, texts: list[str]):
+        """L2-normalised text embeddings of captions, a (B, D) float32 numpy array (``filter``'s caption clusters)."""
+        import torch
+
+        tokens = self.tokenize(texts)
+        with torch.no_grad():
+            text = self.task.encode_text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+        return text.float().cpu().numpy()
 
 
 def _score_shard(scorer: Scorer, shard: Path, batch_size: int) -> dict[str, list]:
@@ -326,7 +363,7 @@ def score_dataset(
         raise DataToolsError(f"--rank must be in [0, --world), got rank {rank}, world {world}")
     if batch_size < 1:
         raise DataToolsError(f"--batch-size must be at least 1, got {batch_size}")
-    shards = _split_shards(data, _dataset_meta(data), split)
+    shards = split_shards(data, dataset_meta(data), split)
     parts = _parts_dir(out)
     parts.mkdir(parents=True, exist_ok=True)
     _check_parts_meta(parts, {"model": str(Path(model).resolve()), "data": str(data.resolve()), "split": split})
@@ -364,7 +401,11 @@ __all__ = [
     "CORRUPTED_PARQUET",
     "ScoreResult",
     "Scorer",
+    "ShardCopyWriter",
     "choose_replacements",
+    "copy_dataset_files",
+    "dataset_meta",
     "score_dataset",
+    "split_shards",
     "write_corrupted_captions",
 ]
