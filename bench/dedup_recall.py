@@ -46,8 +46,8 @@ def make_copy(data: bytes, kind: str) -> tuple[str, bytes]:
         im.save(buf, "PNG", compress_level=1)
         return buf.getvalue()
 
-    if kind == "exact":
-        return "png", data
+    if kind == "exact":  # the same bytes under the source's own field
+        return ("jpg" if image.format == "JPEG" else "png"), data
     if kind == "png":  # same pixels, other bytes
         return "png", png(image)
     if kind == "jpeg":
