@@ -49,6 +49,28 @@ def pretrained(tmp_path_factory, fmnist_tiny) -> Path:
 
 
 @pytest.fixture(scope="session")
+def noisy_tiny(fmnist_tiny, tmp_path_factory) -> Path:
+    """fmnist_tiny with 30 % of its train captions replaced (``data_tools corrupt-captions``, seed 0)."""
+    from data_tools.cli import main
+
+    out = tmp_path_factory.mktemp("curate") / "noisy"
+    args = ["corrupt-captions", "--src", str(fmnist_tiny), "--out", str(out), "--fraction", "0.3", "--seed", "0"]
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def noisy_tiny_scores(noisy_tiny, pretrained, tmp_path_factory) -> Path:
+    """``data_tools score`` of noisy_tiny's train split under the tiny pretrained model."""
+    from data_tools.cli import main
+
+    out = tmp_path_factory.mktemp("scores") / "noisy.parquet"
+    args = ["score", "--model", str(pretrained), "--data", str(noisy_tiny), "--out", str(out), "--batch-size", "64"]
+    assert main([*args, "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def scenes(tmp_path_factory) -> Path:
     """64 px Fashion-MNIST detection scenes: 48 train / 16 val / 24 test, shards of 16."""
     if not FMNIST_SRC.is_dir():

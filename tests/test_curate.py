@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import torch
 from helpers import corrupt_image, tar_samples
 
@@ -28,22 +27,9 @@ def _corrupt(src: Path, out: Path, *extra: str) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def corrupted(fmnist_tiny, tmp_path_factory) -> Path:
-    return _corrupt(fmnist_tiny, tmp_path_factory.mktemp("curate") / "noisy", "--seed", "0")
-
-
-@pytest.fixture(scope="module")
-def corrupted_scores(corrupted, pretrained, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("scores") / "noisy.parquet"
-    args = ["score", "--model", str(pretrained), "--data", str(corrupted), "--out", str(out), "--batch-size", "64"]
-    assert main([*args, "--quiet"]) == 0
-    return out
-
-
-def test_corrupt_captions_replaces_and_records(fmnist_tiny: Path, corrupted: Path) -> None:
-    before, after = _split(fmnist_tiny), _split(corrupted)
-    table = pq.read_table(corrupted / CORRUPTED_PARQUET).to_pylist()
+def test_corrupt_captions_replaces_and_records(fmnist_tiny: Path, noisy_tiny: Path) -> None:
+    before, after = _split(fmnist_tiny), _split(noisy_tiny)
+    table = pq.read_table(noisy_tiny / CORRUPTED_PARQUET).to_pylist()
     assert [r["key"] for r in table] == list(after) and set(after) == set(before)
     assert sum(r["replaced"] for r in table) == round(0.3 * len(before)) == 180
     for row in table:
@@ -62,23 +48,24 @@ def test_corrupt_captions_replaces_and_records(fmnist_tiny: Path, corrupted: Pat
             assert files["txt"] == src_files["txt"] and row["source_key"] is None
 
 
-def test_corrupt_captions_keeps_other_splits_and_verifies(fmnist_tiny: Path, corrupted: Path) -> None:
-    assert verify_dataset(corrupted).ok
+def test_corrupt_captions_keeps_other_splits_and_verifies(fmnist_tiny: Path, noisy_tiny: Path) -> None:
+    assert verify_dataset(noisy_tiny).ok
     for path in sorted((fmnist_tiny / "test").iterdir()):
-        assert (corrupted / "test" / path.name).read_bytes() == path.read_bytes()
-    meta, src_meta = (json.loads((d / "dataset.json").read_text()) for d in (corrupted, fmnist_tiny))
+        assert (noisy_tiny / "test" / path.name).read_bytes() == path.read_bytes()
+    meta, src_meta = (json.loads((d / "dataset.json").read_text()) for d in (noisy_tiny, fmnist_tiny))
     assert meta["splits"] == src_meta["splits"] and meta["classnames"] == src_meta["classnames"]
     assert meta["name"] != src_meta["name"]
-    assert (corrupted / "train" / "sizes.json").read_text() == (fmnist_tiny / "train" / "sizes.json").read_text()
+    assert (noisy_tiny / "train" / "sizes.json").read_text() == (fmnist_tiny / "train" / "sizes.json").read_text()
 
 
-def test_corrupt_captions_is_deterministic(fmnist_tiny: Path, corrupted: Path, tmp_path: Path) -> None:
+def test_corrupt_captions_is_deterministic(fmnist_tiny: Path, noisy_tiny: Path, tmp_path: Path) -> None:
     again = _corrupt(fmnist_tiny, tmp_path / "again", "--seed", "0")
-    assert pq.read_table(again / CORRUPTED_PARQUET).equals(pq.read_table(corrupted / CORRUPTED_PARQUET))
-    assert _split(again) == _split(corrupted)
+    assert pq.read_table(again / CORRUPTED_PARQUET).equals(pq.read_table(noisy_tiny / CORRUPTED_PARQUET))
+    assert _split(again) == _split(noisy_tiny)
     other = _corrupt(fmnist_tiny, tmp_path / "other", "--seed", "1")
     assert (
-        pq.read_table(other / CORRUPTED_PARQUET)["replaced"] != pq.read_table(corrupted / CORRUPTED_PARQUET)["replaced"]
+        pq.read_table(other / CORRUPTED_PARQUET)["replaced"]
+        != pq.read_table(noisy_tiny / CORRUPTED_PARQUET)["replaced"]
     )
 
 
@@ -89,13 +76,13 @@ def test_choose_replacements_never_keeps_the_text() -> None:
     assert main(["corrupt-captions", "--src", "/nonexistent", "--out", "/tmp/x", "--fraction", "2"]) == 2
 
 
-def test_score_matches_the_model(corrupted: Path, corrupted_scores: Path, pretrained: Path) -> None:
+def test_score_matches_the_model(noisy_tiny: Path, noisy_tiny_scores: Path, pretrained: Path) -> None:
     from mm_ptft.data.stats import image_norm_stats
     from mm_ptft.models import Tokenize
     from mm_ptft.tasks import load_trained
 
-    rows = pq.read_table(corrupted_scores).to_pylist()
-    samples = _split(corrupted)
+    rows = pq.read_table(noisy_tiny_scores).to_pylist()
+    samples = _split(noisy_tiny)
     assert [(r["shard"], r["key"]) for r in rows] == [(shard, key) for key, (shard, _) in samples.items()]
     assert all(r["bad_reason"] is None and r["score"] is not None for r in rows)
     # reference: the first 8 samples of shard 0 through the evaluation decoder, cosine computed here
@@ -113,10 +100,10 @@ def test_score_matches_the_model(corrupted: Path, corrupted_scores: Path, pretra
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_replaced_pairs_score_lower(corrupted: Path, corrupted_scores: Path) -> None:
-    scores = {r["key"]: r["score"] for r in pq.read_table(corrupted_scores).to_pylist()}
-    replaced = [scores[r["key"]] for r in pq.read_table(corrupted / CORRUPTED_PARQUET).to_pylist() if r["replaced"]]
-    clean = [scores[r["key"]] for r in pq.read_table(corrupted / CORRUPTED_PARQUET).to_pylist() if not r["replaced"]]
+def test_replaced_pairs_score_lower(noisy_tiny: Path, noisy_tiny_scores: Path) -> None:
+    scores = {r["key"]: r["score"] for r in pq.read_table(noisy_tiny_scores).to_pylist()}
+    replaced = [scores[r["key"]] for r in pq.read_table(noisy_tiny / CORRUPTED_PARQUET).to_pylist() if r["replaced"]]
+    clean = [scores[r["key"]] for r in pq.read_table(noisy_tiny / CORRUPTED_PARQUET).to_pylist() if not r["replaced"]]
     assert sum(replaced) / len(replaced) < sum(clean) / len(clean)
 
 

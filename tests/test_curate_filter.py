@@ -54,25 +54,10 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def noisy(fmnist_tiny, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("filter") / "noisy"
-    assert main(["corrupt-captions", "--src", str(fmnist_tiny), "--out", str(out), "--fraction", "0.3"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def noisy_scores(noisy, pretrained, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("filter-scores") / "scores.parquet"
-    args = ["score", "--model", str(pretrained), "--data", str(noisy), "--out", str(out), "--batch-size", "128"]
-    assert main([*args, "--quiet"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def tied_scores(noisy, tmp_path_factory) -> Path:
+def tied_scores(noisy_tiny, tmp_path_factory) -> Path:
     """A table with many ties in ``score`` (two decimals) and a second column ``other``, in a shuffled row order."""
     rng = np.random.default_rng(0)
-    ids = [(shard, key) for key, (shard, _) in _split(noisy).items()]
+    ids = [(shard, key) for key, (shard, _) in _split(noisy_tiny).items()]
     rng.shuffle(ids)
     table = {
         "shard": [s for s, _ in ids],
@@ -96,12 +81,12 @@ def _top(rows: list[dict], column: str, fraction: float) -> set[str]:
 
 
 # ----------------------------------------------------------------------------------------------------- filter
-def test_filter_min_score_copies_and_measures(noisy: Path, noisy_scores: Path, tmp_path: Path) -> None:
-    rows = _rows(noisy_scores)
+def test_filter_min_score_copies_and_measures(noisy_tiny: Path, noisy_tiny_scores: Path, tmp_path: Path) -> None:
+    rows = _rows(noisy_tiny_scores)
     threshold = float(np.median([r["score"] for r in rows]))
     expected = {r["key"] for r in rows if r["score"] >= threshold}
-    assert _filter(noisy, noisy_scores, tmp_path / "out", "--min-score", str(threshold)) == 0
-    _check_copy(noisy, tmp_path / "out", expected)
+    assert _filter(noisy_tiny, noisy_tiny_scores, tmp_path / "out", "--min-score", str(threshold)) == 0
+    _check_copy(noisy_tiny, tmp_path / "out", expected)
     report = tmp_path / "out" / "curation"
     assert {p.name for p in report.iterdir()} >= REPORT_FILES
     stats = json.loads((report / "filter.json").read_text())
@@ -110,7 +95,7 @@ def test_filter_min_score_copies_and_measures(noisy: Path, noisy_scores: Path, t
     assert sum(c["kept"] for c in stats["per_class"].values()) == len(expected)
 
     # the measurement against corrupted.parquet, counted here; the json flags and --corrupted give the same
-    flags = {r["key"]: r["replaced"] for r in _rows(noisy / CORRUPTED_PARQUET)}
+    flags = {r["key"]: r["replaced"] for r in _rows(noisy_tiny / CORRUPTED_PARQUET)}
     replaced = {k for k, r in flags.items() if r}
     want = {
         "replaced": len(replaced),
@@ -122,76 +107,80 @@ def test_filter_min_score_copies_and_measures(noisy: Path, noisy_scores: Path, t
     assert stats["replaced"]["replaced_removed_share"] == pytest.approx(want["replaced_removed"] / want["replaced"])
     assert stats["replaced"]["clean_kept_share"] == pytest.approx(want["clean_kept"] / want["clean"])
     report2 = tmp_path / "elsewhere"
-    args = ["--min-score", str(threshold), "--corrupted", str(noisy / CORRUPTED_PARQUET), "--report", str(report2)]
-    assert _filter(noisy, noisy_scores, tmp_path / "out2", *args) == 0
+    args = ["--min-score", str(threshold), "--corrupted", str(noisy_tiny / CORRUPTED_PARQUET), "--report", str(report2)]
+    assert _filter(noisy_tiny, noisy_tiny_scores, tmp_path / "out2", *args) == 0
     assert json.loads((report2 / "filter.json").read_text())["replaced"] == stats["replaced"]
     assert "replaced pairs removed" in (report2 / "report.md").read_text()
 
 
 def test_filter_top_fraction_breaks_ties_by_key_and_reads_column(
-    noisy: Path, tied_scores: Path, tmp_path: Path
+    noisy_tiny: Path, tied_scores: Path, tmp_path: Path
 ) -> None:
     rows = _rows(tied_scores)
     for column in ("score", "other"):
         out = tmp_path / column
-        assert _filter(noisy, tied_scores, out, "--top-fraction", "0.25", "--column", column) == 0
+        assert _filter(noisy_tiny, tied_scores, out, "--top-fraction", "0.25", "--column", column) == 0
         expected = _top(rows, column, 0.25)
         assert len(expected) == 150
         assert set(_split(out)) == expected
     assert verify_dataset(tmp_path / "other").ok
 
 
-def test_filter_per_class(noisy: Path, tied_scores: Path, tmp_path: Path) -> None:
+def test_filter_per_class(noisy_tiny: Path, tied_scores: Path, tmp_path: Path) -> None:
     rows = _rows(tied_scores)
-    label = {key: json.loads(files["json"])["label"] for key, (_, files) in _split(noisy).items()}
-    assert _filter(noisy, tied_scores, tmp_path / "out", "--top-fraction", "0.3", "--per", "class") == 0
+    label = {key: json.loads(files["json"])["label"] for key, (_, files) in _split(noisy_tiny).items()}
+    assert _filter(noisy_tiny, tied_scores, tmp_path / "out", "--top-fraction", "0.3", "--per", "class") == 0
     expected = set().union(
         *(_top([r for r in rows if label[r["key"]] == c], "score", 0.3) for c in set(label.values()))
     )
-    _check_copy(noisy, tmp_path / "out", expected)
+    _check_copy(noisy_tiny, tmp_path / "out", expected)
     per_class = json.loads((tmp_path / "out" / "curation" / "filter.json").read_text())["per_class"]
-    classnames = json.loads((noisy / "dataset.json").read_text())["classnames"]
+    classnames = json.loads((noisy_tiny / "dataset.json").read_text())["classnames"]
     for c, name in enumerate(classnames):
         n = sum(v == c for v in label.values())
         assert per_class[name]["kept"] == round(0.3 * n) and per_class[name]["removed"] == n - round(0.3 * n)
 
 
-def test_filter_per_caption_cluster(noisy: Path, tied_scores: Path, pretrained: Path, tmp_path: Path) -> None:
+def test_filter_per_caption_cluster(noisy_tiny: Path, tied_scores: Path, pretrained: Path, tmp_path: Path) -> None:
     pytest.importorskip("faiss")
     args = ["--top-fraction", "0.5", "--per", "caption-cluster", "--clusters", "4", "--model", str(pretrained)]
-    assert _filter(noisy, tied_scores, tmp_path / "out", *args) == 0
+    assert _filter(noisy_tiny, tied_scores, tmp_path / "out", *args) == 0
     stats = json.loads((tmp_path / "out" / "curation" / "filter.json").read_text())
     clusters = stats["per_cluster"]
     assert len(clusters) == 4 and sum(c["samples"] for c in clusters.values()) == 600
     assert all(c["kept"] == round(0.5 * c["samples"]) for c in clusters.values())
     assert stats["splits"]["train"]["kept"] == len(_split(tmp_path / "out"))
-    assert _filter(noisy, tied_scores, tmp_path / "x", "--top-fraction", "0.5", "--per", "caption-cluster") == 2
+    assert _filter(noisy_tiny, tied_scores, tmp_path / "x", "--top-fraction", "0.5", "--per", "caption-cluster") == 2
 
 
-def test_filter_removes_and_counts_unreadable(noisy: Path, noisy_scores: Path, tmp_path: Path, capsys) -> None:
-    rows = _rows(noisy_scores)
+def test_filter_removes_and_counts_unreadable(
+    noisy_tiny: Path, noisy_tiny_scores: Path, tmp_path: Path, capsys
+) -> None:
+    rows = _rows(noisy_tiny_scores)
     for r in rows[10:15]:
         r["score"], r["bad_reason"] = None, "bad_image: test"
     rows[20]["score"] = float("nan")
     path = tmp_path / "s.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(noisy_scores)), path)
-    assert _filter(noisy, path, tmp_path / "out", "--min-score", "-1") == 0
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(noisy_tiny_scores)), path)
+    assert _filter(noisy_tiny, path, tmp_path / "out", "--min-score", "-1") == 0
     assert "kept 594, removed 0, unreadable 6" in capsys.readouterr().out
-    _check_copy(noisy, tmp_path / "out", {r["key"] for i, r in enumerate(rows) if i not in (10, 11, 12, 13, 14, 20)})
+    _check_copy(
+        noisy_tiny, tmp_path / "out", {r["key"] for i, r in enumerate(rows) if i not in (10, 11, 12, 13, 14, 20)}
+    )
 
 
-def test_filter_errors_are_one_line(noisy: Path, noisy_scores: Path, tmp_path: Path, capsys) -> None:
-    assert _filter(noisy, noisy_scores, tmp_path / "a", "--min-score", "0", "--column", "nope") == 2
+def test_filter_errors_are_one_line(noisy_tiny: Path, noisy_tiny_scores: Path, tmp_path: Path, capsys) -> None:
+    assert _filter(noisy_tiny, noisy_tiny_scores, tmp_path / "a", "--min-score", "0", "--column", "nope") == 2
     err = one_line_error(capsys)
     assert "'nope'" in err and "shard, key, score, bad_reason" in err
-    rows = _rows(noisy_scores)
+    rows = _rows(noisy_tiny_scores)
     for name, table in (("short", rows[:-3]), ("extra", [*rows, dict(rows[0], key="train-9999999")])):
         pq.write_table(pa.Table.from_pylist(table), tmp_path / f"{name}.parquet")
-    assert _filter(noisy, tmp_path / "short.parquet", tmp_path / "b", "--top-fraction", "0.5") == 2
+    assert _filter(noisy_tiny, tmp_path / "short.parquet", tmp_path / "b", "--top-fraction", "0.5") == 2
     assert "misses 3 samples of split train" in one_line_error(capsys)
-    assert _filter(noisy, tmp_path / "extra.parquet", tmp_path / "c", "--top-fraction", "0.5") == 2
+    assert _filter(noisy_tiny, tmp_path / "extra.parquet", tmp_path / "c", "--top-fraction", "0.5") == 2
     assert "train-9999999" in one_line_error(capsys)
-    assert _filter(noisy, noisy_scores, tmp_path / "d", "--top-fraction", "1.5") == 2
+    assert _filter(noisy_tiny, noisy_tiny_scores, tmp_path / "d", "--top-fraction", "1.5") == 2
     assert "--top-fraction" in one_line_error(capsys)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
