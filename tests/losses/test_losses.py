@@ -149,7 +149,7 @@ def _reference(cfg, image, text, scale, bias):
     "name,local_loss,with_bias",
     [("clip", False, False), ("clip", True, False), ("clip", False, True), ("siglip", False, True)],
 )
-@pytest.mark.parametrize("block_elements", [1, 37, 2**22])  # one row per block, ragged blocks, one block
+@pytest.mark.parametrize("block_elements", [1, 37, 2**22, None])  # one row per block, ragged, one block, default
 def test_feature_gradients_equal_the_one_batch_loss_and_gradients(name, local_loss, with_bias, block_elements):
     from mm_ptft.losses import feature_gradients
 
