@@ -9,6 +9,9 @@ Feature-cached accumulation (``loss.accumulation=cached``, see ``mm_ptft.train.a
 over the features of every micro-batch of every rank, on a single device, in row blocks. A loss takes part by
 saying which rows of the gathered batch this rank's loss covers (``rows``), what a block of them contributes
 (``rows_loss``), and how the ranks' gradients combine (``grad_reduction``); :func:`feature_gradients` does the rest.
+A loss may also give the block's gradient in closed form (``rows_grad``, accumulated in place into preallocated
+gradients): both built-in losses do, which keeps the loss's own memory at a few blocks of logits on top of the
+gradients themselves (autograd of ``rows_loss`` makes full N × D temporaries for every block).
 """
 
 from __future__ import annotations
@@ -29,10 +32,22 @@ LOSSES: Registry[nn.Module] = Registry("loss")
 # rank computes the same loss ("replicated": the sum is world × its own), or each rank's own only ("none")
 GradReduction = Literal["sum", "replicated", "none"]
 # logits per block of rows in feature_gradients, by device type: on the host each block's logits, softmax and their
-# gradients stay resident in the allocator for the step (measured: ~230 MB for 16 MiB blocks at N = 8,192, ~100 MB for
-# 4 MiB ones, at the same time); on an accelerator larger blocks mean fewer kernel launches
+# gradients stay resident in the allocator for the step (measured with autograd of rows_loss: ~230 MB for 16 MiB
+# blocks at N = 8,192, ~100 MB for 4 MiB ones, at the same time); on an accelerator larger blocks mean fewer launches
 BLOCK_ELEMENTS = {"cpu": 2**20}
 DEFAULT_BLOCK_ELEMENTS = 2**24
+
+
+def _block_backward(
+    g: torch.Tensor, raw: torch.Tensor, x_rows: torch.Tensor, y: torch.Tensor, gx_rows, gy, scale: float, grads: dict
+) -> None:
+    """Accumulate the gradient of a block of logits ``scale · x_rows @ y.T (+ bias)`` whose gradient is ``g``, where
+    ``raw = x_rows @ y.T``: into ``gx_rows`` (the rows' gradient, a view) and ``gy`` in place, and the scalars."""
+    gx_rows.addmm_(g, y, alpha=scale)
+    gy.addmm_(g.T, x_rows, alpha=scale)
+    grads["logit_scale"] += torch.dot(g.view(-1), raw.view(-1))
+    if grads.get("logit_bias") is not None:
+        grads["logit_bias"] += g.sum()
 
 
 def _features(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -95,6 +110,27 @@ class ClipLoss(nn.Module):
         ce = F.cross_entropy(per_image, labels, reduction="sum") + F.cross_entropy(per_text, labels, reduction="sum")
         return ce / (2 * n_rows)
 
+    def rows_grad(self, image, text, scale, bias, rows: slice, n_rows: int, grads: dict) -> torch.Tensor:
+        """:meth:`rows_loss` (returned) with its gradient added to ``grads`` in closed form: for each direction,
+        d(cross-entropy)/d(logits) = softmax - one-hot, through the two matrix products."""
+        n = rows.stop - rows.start
+        diag = (torch.arange(n, device=image.device), torch.arange(rows.start, rows.stop, device=image.device))
+        s = float(scale)
+        total = torch.zeros((), dtype=torch.float32, device=image.device)
+        for x, y, gx, gy in (
+            (image, text, grads["image_features"], grads["text_features"]),
+            (text, image, grads["text_features"], grads["image_features"]),
+        ):
+            raw = x[rows] @ y.T
+            logits = raw * s if bias is None else torch.addcmul(bias, raw, scale)
+            lse = torch.logsumexp(logits, dim=1)
+            total += (lse - logits[diag]).sum()
+            g = logits.sub_(lse[:, None]).exp_()  # the softmax, in place
+            g[diag] -= 1.0
+            g.div_(2 * n_rows)
+            _block_backward(g, raw, x[rows], y, gx[rows], gy, s, grads)
+        return total / (2 * n_rows)
+
 
 @LOSSES.register("siglip")
 class SigLipLoss(nn.Module):
@@ -129,6 +165,23 @@ class SigLipLoss(nn.Module):
         signs[torch.arange(logits.shape[0]), torch.arange(rows.start, rows.stop)] = 1.0
         return -F.logsigmoid(signs * logits).sum() / n_rows
 
+    def rows_grad(self, image, text, scale, bias, rows: slice, n_rows: int, grads: dict) -> torch.Tensor:
+        """:meth:`rows_loss` (returned) with its gradient added to ``grads`` in closed form: with z = ±logits,
+        d(-log σ(z))/d(logits) = ∓σ(-z)."""
+        n = rows.stop - rows.start
+        diag = (torch.arange(n, device=image.device), torch.arange(rows.start, rows.stop, device=image.device))
+        raw = image[rows] @ text.T
+        z = torch.addcmul(bias, raw, scale).neg_()  # z = signs · logits: negative pairs off the diagonal ...
+        z[diag] *= -1.0  # ... the positive ones on it
+        total = -F.logsigmoid(z).sum() / n_rows
+        g = z.neg_().sigmoid_()  # σ(-z); the gradient is -signs · σ(-z) / n_rows
+        g[diag] *= -1.0
+        g.div_(n_rows)
+        _block_backward(
+            g, raw, image[rows], text, grads["image_features"][rows], grads["text_features"], float(scale), grads
+        )
+        return total
+
 
 def feature_gradients(
     loss: nn.Module,
@@ -161,6 +214,12 @@ def feature_gradients(
     block = max(1, block_elements // n)
     total = torch.zeros((), dtype=torch.float32, device=image.device)
     args = [leaves[k] for k in ("image_features", "text_features", "logit_scale", "logit_bias")]
+    if hasattr(loss, "rows_grad"):  # closed form, accumulated in place: no autograd temporaries
+        grads = {k: torch.zeros_like(v) if v is not None else None for k, v in leaves.items()}
+        with torch.autocast(image.device.type, enabled=False), torch.no_grad():
+            for start in range(rows.start, rows.stop, block):
+                total += loss.rows_grad(*args, slice(start, min(start + block, rows.stop)), n_rows, grads)
+        return total, grads
     with torch.autocast(image.device.type, enabled=False), torch.enable_grad():
         for start in range(rows.start, rows.stop, block):
             part = loss.rows_loss(*args, slice(start, min(start + block, rows.stop)), n_rows)
