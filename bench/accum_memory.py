@@ -86,8 +86,8 @@ def worker(mode: str, micro: int, sizes: list[int], cap_mb: float, out: Path) ->
         engine.step()
 
     def cached_step(engine, task, k: int) -> None:
-        micro_batches = iter([batch(micro) for _ in range(k)])
-        CachedAccumulation(engine, task, k, lambda b: b, "cpu", info.rank).step(lambda: next(micro_batches))
+        # one micro-batch made per call, as a loader yields them: what the step holds is the accumulator's doing
+        CachedAccumulation(engine, task, k, lambda b: b, "cpu", info.rank).step(lambda: batch(micro))
 
     rows, base = [], None
     task, engine = build(micro, 1)  # one engine per mode (a rebuilt one would keep the last one's memory)

@@ -24,7 +24,7 @@ global batch is bounded by time, not memory.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -86,27 +86,66 @@ class _RandomState:
 
 
 class _Rows:
-    """The cached features of one tower, micro-batch after micro-batch, in one fp32 tensor allocated at the first
-    micro-batch for the whole step. (Kept as k small tensors, each allocated between the first pass's activations,
-    they pin scattered pages of the host heap for the whole step, and the second pass's activations cannot reuse
-    the holes: measured at k = 32 on the CPU allocator, +11.9 % over one micro-batch's peak before, +9.2 % after;
-    docs/performance.md.)"""
+    """Rows of one tensor, micro-batch after micro-batch, in one tensor allocated at the first micro-batch for the
+    whole step (``dtype``: that of the rows, or the one given). Kept as k small tensors, each allocated between the
+    first pass's activations, the cached features pinned scattered pages of the host heap for the whole step, and
+    the second pass's activations could not reuse the holes: measured at k = 32 on the CPU allocator, +11.9 % over
+    one micro-batch's peak before, +9.2 % after (docs/performance.md)."""
 
-    def __init__(self, steps: int):
-        self.steps, self.n, self.buf = steps, 0, None
+    def __init__(self, steps: int, dtype: torch.dtype | None = None):
+        self.steps, self.dtype, self.n, self.buf = steps, dtype, 0, None
 
     def append(self, x: torch.Tensor) -> None:
+        dtype = self.dtype or x.dtype
         if self.buf is None:
-            self.buf = x.new_empty((self.steps * x.shape[0], *x.shape[1:]), dtype=torch.float32)
+            self.buf = x.new_empty((self.steps * x.shape[0], *x.shape[1:]), dtype=dtype)
         if self.n + x.shape[0] > self.buf.shape[0]:  # a micro-batch larger than the first one: grow
-            self.buf = torch.cat(
-                [self.buf[: self.n], x.new_empty((self.buf.shape[0], *x.shape[1:]), dtype=torch.float32)]
-            )
+            self.buf = torch.cat([self.buf[: self.n], x.new_empty((self.buf.shape[0], *x.shape[1:]), dtype=dtype)])
         self.buf[self.n : self.n + x.shape[0]] = x
         self.n += x.shape[0]
 
-    def rows(self) -> torch.Tensor:
-        return self.buf[: self.n]
+    def rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.buf[start : self.n if stop is None else stop]
+
+
+class _Span(NamedTuple):
+    """Where a micro-batch's rows of one key lie in its :class:`_Rows`."""
+
+    start: int
+    stop: int
+
+
+class _Inputs:
+    """The step's micro-batches as the loader gave them, for the second pass: every tensor with a row per sample
+    copied into one :class:`_Rows` per key (the loader's own tensor is then free for the allocator to reuse; held
+    as k batches they would pin the heap as the cached features did), anything else kept as it is."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.rows: dict[str, _Rows] = {}
+        self.batches: list[dict] = []  # per micro-batch: key -> its _Span in self.rows[key], or the value
+
+    def append(self, batch: Batch) -> None:
+        n = next((v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0), None)
+        kept = {}
+        for key, value in batch.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
+                rows = self.rows.setdefault(key, _Rows(self.steps))
+                if rows.buf is None or (rows.buf.dtype == value.dtype and rows.buf.shape[1:] == value.shape[1:]):
+                    kept[key] = _Span(rows.n, rows.n + n)
+                    rows.append(value)
+                    continue
+            kept[key] = value
+        self.batches.append(kept)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, j: int) -> Batch:
+        return {
+            key: self.rows[key].rows(*value) if isinstance(value, _Span) else value
+            for key, value in self.batches[j].items()
+        }
 
 
 class CachedAccumulation:
@@ -124,13 +163,13 @@ class CachedAccumulation:
         task, engine = self.task, self.engine
         towers = list(task.towers)
         frozen = task.frozen_trunks()
-        micro, states, trunks, sizes = [], [], [], []
-        features = {t: _Rows(self.steps) for t in towers}
+        micro, states, trunks, sizes = _Inputs(self.steps), [], [], []
+        features = {t: _Rows(self.steps, torch.float32) for t in towers}
         buffers = {name: b.clone() for name, b in task.named_buffers()}
         with torch.no_grad():
             for _ in range(self.steps):
                 batch = next_batch()
-                micro.append(batch)  # kept as the loader gave it (host memory); moved to the device per forward
+                micro.append(batch)  # kept on the host as the loader gave it; moved to the device per forward
                 on_device = self.to_device(batch)
                 states.append({})
                 trunks.append({})
@@ -146,11 +185,12 @@ class CachedAccumulation:
             b.copy_(buffers[name])
 
         grads, loss = self._feature_gradients(features, out)
+        del features, batch, on_device  # the second pass needs only the inputs and the feature gradients
         offsets = [0]
         for n in sizes:
             offsets.append(offsets[-1] + n)
-        for j, batch in enumerate(micro):
-            on_device = self.to_device(batch) | trunks[j]
+        for j in range(len(micro)):
+            on_device = self.to_device(micro[j]) | trunks[j]
             terms = []
             for t in towers:
                 self.rng.set(states[j][t])
@@ -192,7 +232,7 @@ class CachedAccumulation:
                 g = all_reduce_sum(g)
             elif world > 1 and task.loss.grad_reduction == "replicated":
                 g = g * world
-            by_tower[t] = g[own]
+            by_tower[t] = g[own].clone()  # this rank's rows only: the N × D gradient is freed here
         by_tower["logit_scale"], by_tower["logit_bias"] = grads["logit_scale"], grads["logit_bias"]
         return by_tower, loss
 

@@ -131,3 +131,38 @@ def test_a_loss_without_cached_support_is_a_one_line_config_error():
         create_accumulation(cfg, task, None, lambda b: b, "cpu", 0)
     cfg.loss.accumulation = "plain"
     assert isinstance(create_accumulation(cfg, task, None, lambda b: b, "cpu", 0), PlainAccumulation)
+
+
+def test_held_inputs_give_back_each_micro_batch_as_the_loader_gave_it():
+    """The second pass's inputs: row tensors copied into one buffer per key, everything else kept; a smaller last
+    micro-batch, a key whose shape changes, and non-tensor values come back unchanged."""
+    from mm_ptft.train.accumulate import _Inputs
+
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for j, n in enumerate((4, 4, 3)):
+        batches.append(
+            {
+                "image": torch.randn(n, 3, 5, 5, generator=g),
+                "input_ids": torch.randint(0, 100, (n, 7), generator=g),
+                "label": torch.arange(n) + 10 * j,
+                "ragged": torch.zeros(n, 2 + j),  # its width changes: kept as it is from the second batch on
+                "key": [f"s{j}-{i}" for i in range(n)],
+                "_state": {"position": j},
+                "scalar": torch.tensor(float(j)),
+            }
+        )
+    held = _Inputs(steps=3)
+    for b in batches:
+        held.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in b.items()})
+    assert len(held) == 3
+    assert set(held.rows) == {"image", "input_ids", "label", "ragged"}
+    for j, b in enumerate(batches):
+        got = held[j]
+        assert list(got) == list(b)
+        for k, v in b.items():
+            if torch.is_tensor(v):
+                assert got[k].dtype == v.dtype and torch.equal(got[k], v), (j, k)
+            else:
+                assert got[k] == v, (j, k)
+    assert held.rows["image"].buf.shape[0] == 12  # one buffer for the step, sized at the first micro-batch
