@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -136,6 +137,14 @@ def _env(threads: int) -> dict:
     return dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
 
 
+def available_mb() -> float:
+    """The machine's available memory (MemAvailable of /proc/meminfo), MB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
 def _cuda() -> tuple[int, str | None]:
     import torch
 
@@ -231,8 +240,11 @@ def run_mm_ptft(
     extra: list[str],
     script: Path | None = None,
     env: dict | None = None,
+    min_available_mb: float | None = None,
 ) -> dict:
-    """One ``deepspeed --module mm_ptft train`` launch (or of ``script``, which takes the same arguments)."""
+    """One ``deepspeed --module mm_ptft train`` launch (or of ``script``, which takes the same arguments). With
+    ``min_available_mb`` the launch is killed when the machine's available memory falls below it (a model that does
+    not fit ends as an ``out of memory`` row instead of waking the kernel's OOM killer)."""
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [
@@ -264,9 +276,23 @@ def run_mm_ptft(
     log = out / f"{name}.log"
     t0 = time.time()
     with log.open("w") as f:
-        code = subprocess.run(
-            cmd, cwd=ROOT, env=dict(_env(1), **(env or {})), stdout=f, stderr=subprocess.STDOUT
-        ).returncode
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=dict(_env(1), **(env or {})),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the launcher and its ranks are stopped together
+        )
+        lowest = available_mb()
+        while proc.poll() is None:
+            time.sleep(0.1)
+            lowest = min(lowest, available_mb())
+            if min_available_mb is not None and lowest < min_available_mb:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return {"name": name, "error": f"out of memory (available fell below {min_available_mb:.0f} MB)"}
+        code = proc.returncode
     if code != 0:
         return {"name": name, "error": f"exit {code}, see {log}"}
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

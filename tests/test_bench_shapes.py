@@ -89,3 +89,60 @@ def test_profile_table_leaves_the_rest_of_the_wall_time_to_python():
     assert ms["matrix products"] == 50.0 and ms["elementwise + normalisation"] == 10.0
     assert ms["Python / other"] == 40.0 and sum(row["share"] for row in table["rows"]) == pytest.approx(1.0)
     assert table["largest_other_ops_ms"] == {"aten::view": 5.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bench/scaling.py: the model family it tables, and a launch that outgrows the machine's memory is stopped
+# ---------------------------------------------------------------------------------------------------------------------
+scaling = load_script(ROOT / "bench" / "scaling.py")
+
+
+@pytest.mark.parametrize(
+    "size,timm_name", [("T", "vit_tiny_patch16_224"), ("S", "vit_small_patch16_224"), ("B", "vit_base_patch16_224")]
+)
+def test_scaling_towers_are_timm_vits_of_their_name(size, timm_name):
+    """The overrides of a size build the image trunk of timm's model of that name with the recipe's ln_pre
+    (``pre_norm``): its parameter count exactly, less its classifier head; and the text tower the table names."""
+    import timm
+    import torch
+
+    from mm_ptft.config import load_config
+    from mm_ptft.models import create_model
+
+    cfg = load_config(bench.CONFIG, scaling.overrides(size, 12, 4))
+    assert cfg.data.batch_size == 4 and cfg.model.image.image_size == 224
+    with torch.device("meta"):
+        model = create_model(cfg.model)
+        reference = timm.create_model(timm_name, num_classes=0, pre_norm=True)
+    assert _params(model.image.trunk) == _params(reference)
+    text = model.text.transformer.config
+    t = scaling.TOWERS[size]
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (t.text_width, 12, t.text_heads)
+    assert scaling.image_tokens(size) == 197 and scaling.gemm(size, 2) == (394, t.width, 4 * t.width)
+
+
+def test_scaling_text_mlp_matches_b16_and_largest_models_ascend():
+    assert scaling.geglu_intermediate(512) == 1368  # the b16 shape's text tower (bench/pretrain_throughput.py)
+    assert "model.text.config.intermediate_size=1368" in bench.B16_OVERRIDES
+    sizes = [scaling.parameters(scaling.overrides(s, n, 2)) for s, n in scaling.LARGEST]
+    assert sizes == sorted(sizes) and sizes[-1] > 1e9
+
+
+def test_a_launch_below_the_memory_reserve_is_stopped_as_out_of_memory(tmp_path):
+    """A reserve above what the machine has: the launch is killed at once, with its ranks, as an error row."""
+    import time
+
+    import psutil
+
+    before = {p.pid for p in psutil.process_iter()}
+    t0 = time.time()
+    row = bench.run_mm_ptft(tmp_path, "oom", 0, "bf16", 2, 2, [], min_available_mb=1e9)
+    assert row == {"name": "oom", "error": "out of memory (available fell below 1000000000 MB)"}
+    assert time.time() - t0 < 30
+    time.sleep(0.5)
+    left = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.pid not in before and "mm_ptft" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert not left, left
