@@ -284,11 +284,9 @@ def run_mm_ptft(
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: the launcher and its ranks are stopped together
         )
-        lowest = available_mb()
         while proc.poll() is None:
             time.sleep(0.1)
-            lowest = min(lowest, available_mb())
-            if min_available_mb is not None and lowest < min_available_mb:
+            if min_available_mb is not None and available_mb() < min_available_mb:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return {"name": name, "error": f"out of memory (available fell below {min_available_mb:.0f} MB)"}
