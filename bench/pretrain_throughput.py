@@ -137,12 +137,12 @@ def _env(threads: int) -> dict:
     return dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
 
 
-def available_mb() -> float:
-    """The machine's available memory (MemAvailable of /proc/meminfo), MB."""
+def meminfo_mb(field: str = "MemAvailable") -> float:
+    """The machine's available memory (or another ``field`` of /proc/meminfo, e.g. MemTotal), MB."""
     for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
+    raise RuntimeError(f"no {field} in /proc/meminfo")
 
 
 def _cuda() -> tuple[int, str | None]:
@@ -286,7 +286,7 @@ def run_mm_ptft(
         )
         while proc.poll() is None:
             time.sleep(0.1)
-            if min_available_mb is not None and available_mb() < min_available_mb:
+            if min_available_mb is not None and meminfo_mb() < min_available_mb:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return {"name": name, "error": f"out of memory (available fell below {min_available_mb:.0f} MB)"}

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "rows": rows,
         "largest": largest,
-        "memory_total_mb": _total_mb(),
+        "memory_total_mb": pt.meminfo_mb("MemTotal"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"scaling-{time.strftime('%Y%m%d-%H%M')}.json"
@@ -226,13 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1))
     print(f"\nresults: {out}")
     return 0
-
-
-def _total_mb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 if __name__ == "__main__":
