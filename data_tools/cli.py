@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--world", type=_positive_int, default=1, help="number of scoring processes")
     score.add_argument("--device", default="cpu", help="torch device")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
+    score.add_argument("--bank", type=int, default=0,
+                       help="also write a margin column: score minus the best cosine to another of the split's "
+                            "first BANK distinct captions (0: no margin)")  # fmt: skip
 
     _add_filter_parser(sub)
     _add_dedup_parser(sub)
@@ -317,7 +320,7 @@ def _run_score(args: argparse.Namespace) -> int:
 
     result = score_dataset(
         args.model, args.data, args.out, args.split, args.batch_size, args.rank, args.world, args.device,
-        progress=not args.quiet,
+        progress=not args.quiet, bank=args.bank,
     )  # fmt: skip
     print(
         f"rank {args.rank}: {result.samples} samples scored in {result.scored_shards} shards "

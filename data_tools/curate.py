@@ -7,7 +7,12 @@ did is in ``OUT/corrupted.parquet`` (``key, shard, replaced, source_key``) and i
 (``"caption_replaced"``).
 
 ``score`` writes one row per sample, ``(shard, key, score, bad_reason)``: the cosine of the normalised image and
-text embeddings, or a null score and the reason the sample could not be read. Each shard's rows go to
+text embeddings, or a null score and the reason the sample could not be read. With ``--bank N`` a ``margin`` column
+too: the score minus the image's best cosine to any other caption of a fixed bank (the split's first N distinct
+captions in shard order, the same on every rank), excluding the sample's own text. A replaced caption scores below
+captions that describe the image, so its margin is negative; a clean one's is near or above zero. Unlike the raw
+cosine, the margin is measured against each image's own alternatives, so it does not favour images (or classes)
+the model scores high with any text. Each shard's rows go to
 ``OUT.parts/<shard>.parquet`` first (a rerun skips the shards that have one; ``--rank R --world N`` takes shard
 i where i % N == R), and the parts are combined into OUT once all of them exist.
 """
@@ -220,12 +225,11 @@ def _part_path(parts: Path, shard: Path) -> Path:
     return parts / f"{shard.name}.parquet"
 
 
-def _score_schema():
+def _score_schema(margin: bool = False):
     import pyarrow as pa
 
-    return pa.schema(
-        [("shard", pa.string()), ("key", pa.string()), ("score", pa.float64()), ("bad_reason", pa.string())]
-    )
+    fields = [("shard", pa.string()), ("key", pa.string()), ("score", pa.float64())]
+    return pa.schema(fields + ([("margin", pa.float64())] if margin else []) + [("bad_reason", pa.string())])
 
 
 def _write_parquet(rows: dict[str, list], path: Path, tmp_tag: str = "") -> None:
@@ -233,7 +237,7 @@ def _write_parquet(rows: dict[str, list], path: Path, tmp_tag: str = "") -> None
     import pyarrow.parquet as pq
 
     tmp = path.with_name(f"{path.name}{tmp_tag}{TMP_SUFFIX}")
-    pq.write_table(pa.table(rows, schema=_score_schema()), tmp)
+    pq.write_table(pa.table(rows, schema=_score_schema("margin" in rows)), tmp)
     os.replace(tmp, path)
 
 
@@ -274,6 +278,18 @@ class Scorer:
         self.decoder = task.decoder(cfg, False, mean, std)
         self.tokenize = Tokenize.create(cfg.model.text)
         self.collator = task.collator(self.tokenize)
+        self.bank: list[str] = []  # captions the margin compares against (set_bank)
+        self.bank_vectors = None  # (M, D) float32 tensor on the device
+
+    def set_bank(self, captions: list[str], batch_size: int = 256) -> None:
+        """Embed ``captions`` as the bank the margin is measured against (see the module doc)."""
+        import numpy as np
+        import torch
+
+        self.bank = list(captions)
+        vectors = [self.encode_texts(self.bank[i : i + batch_size]) for i in range(0, len(self.bank), batch_size)]
+        self.bank_vectors = torch.from_numpy(np.concatenate(vectors)).to(self.device)
+        self._bank_index = {c: i for i, c in enumerate(self.bank)}
 
     def decode(self, raw: dict) -> tuple[dict | None, str | None]:
         """(decoded sample, None) or (None, the reason it is unusable)."""
@@ -283,15 +299,27 @@ class Scorer:
 
     def __call__(self, items: list[dict]) -> list[float]:
         """Cosine similarity of each decoded item's image and caption, (B,) as floats."""
+        return self.score(items)[0]
+
+    def score(self, items: list[dict]) -> tuple[list[float], list[float] | None]:
+        """(cosine of each decoded item's image and caption, its margin over the bank or None without a bank)."""
         import torch
 
         batch = self.collator(items)
         with torch.no_grad():
-            image = self.task.encode_image(batch["image"].to(self.device))  # (B, D), L2-normalised
+            image = self.task.encode_image(batch["image"].to(self.device)).float()  # (B, D), L2-normalised
             text = self.task.encode_text(
                 batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            )  # (B, D), L2-normalised
-        return (image.float() * text.float()).sum(-1).cpu().tolist()
+            ).float()  # (B, D), L2-normalised
+            score = (image * text).sum(-1)
+            if self.bank_vectors is None:
+                return score.cpu().tolist(), None
+            others = image @ self.bank_vectors.T  # (B, M)
+            own = [self._bank_index.get(item["caption"]) for item in items]
+            rows = [i for i, j in enumerate(own) if j is not None]
+            others[rows, [own[i] for i in rows]] = -float("inf")  # never the sample's own text
+            margin = score - others.max(-1).values
+        return score.cpu().tolist(), margin.cpu().tolist()
 
     def encode_images(self, items: list[dict]):
         """L2-normalised image embeddings of decoded items, a (B, D) float32 numpy array (``dedup``'s vectors)."""
@@ -312,19 +340,24 @@ class Scorer:
 
 
 def _score_shard(scorer: Scorer, shard: Path, batch_size: int) -> dict[str, list]:
-    rows: dict[str, list] = {"shard": [], "key": [], "score": [], "bad_reason": []}
+    values = ["score"] + (["margin"] if scorer.bank else [])
+    rows: dict[str, list] = {"shard": [], "key": [], **{v: [] for v in values}, "bad_reason": []}
     pending: list[tuple[int, dict]] = []  # (row index, decoded item) waiting for a full batch
 
     def add(key: str | None, reason: str | None) -> int:
         rows["shard"].append(shard.name)
         rows["key"].append(key)
-        rows["score"].append(None)
+        for v in values:
+            rows[v].append(None)
         rows["bad_reason"].append(reason)
         return len(rows["key"]) - 1
 
     def flush() -> None:
-        for (row, _), score in zip(pending, scorer([item for _, item in pending]), strict=True):
-            rows["score"][row] = score
+        scores, margins = scorer.score([item for _, item in pending])
+        for i, (row, _) in enumerate(pending):
+            rows["score"][row] = scores[i]
+            if margins is not None:
+                rows["margin"][row] = margins[i]
         pending.clear()
 
     try:
@@ -352,24 +385,31 @@ def score_dataset(
     world: int = 1,
     device: str = "cpu",
     progress: bool = True,
+    bank: int = 0,
 ) -> ScoreResult:
     """Score every sample of ``data``'s ``split`` this rank owns (see the module doc) and combine the parts into
-    ``out`` once every shard has one.
+    ``out`` once every shard has one; ``bank`` > 0 adds the ``margin`` column over that many distinct captions.
 
     Raises:
-        DataToolsError: bad rank / world, a missing split, a model that is not image-text, parts of another run.
+        DataToolsError: bad rank / world, a missing split, a model that is not image-text, parts of another run,
+            a split with fewer than two distinct captions for a bank.
     """
     if world < 1 or not 0 <= rank < world:
         raise DataToolsError(f"--rank must be in [0, --world), got rank {rank}, world {world}")
     if batch_size < 1:
         raise DataToolsError(f"--batch-size must be at least 1, got {batch_size}")
+    if bank < 0:
+        raise DataToolsError(f"--bank must be 0 (no margin) or more, got {bank}")
     shards = split_shards(data, dataset_meta(data), split)
     parts = _parts_dir(out)
     parts.mkdir(parents=True, exist_ok=True)
-    _check_parts_meta(parts, {"model": str(Path(model).resolve()), "data": str(data.resolve()), "split": split})
+    identity = {"model": str(Path(model).resolve()), "data": str(data.resolve()), "split": split}
+    _check_parts_meta(parts, identity | ({"bank": bank} if bank else {}))
     mine = [s for i, s in enumerate(shards) if i % world == rank]
     todo = [s for s in mine if not _part_path(parts, s).is_file()]
     scorer = Scorer(model, device) if todo else None
+    if scorer is not None and bank:
+        scorer.set_bank(caption_bank(shards, bank, getattr(scorer.decoder, "caption_key", "txt")), batch_size)
     samples = bad = 0
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"score rank {rank}", unit="shard",
                file=sys.stderr, disable=not progress)  # fmt: skip
@@ -383,15 +423,40 @@ def score_dataset(
     bar.close()
     combined = all(_part_path(parts, s).is_file() for s in shards)
     if combined:
-        _combine(shards, parts, out, rank)
+        _combine(shards, parts, out, rank, margin=bank > 0)
     return ScoreResult(len(todo), len(mine) - len(todo), samples, bad, combined)
 
 
-def _combine(shards: list[Path], parts: Path, out: Path, rank: int) -> None:
+def caption_bank(shards: list[Path], size: int, caption_key: str = "txt") -> list[str]:
+    """The first ``size`` distinct captions of ``shards`` in order (stripped, as the decoder reads them); fewer
+    when the split has fewer. Every rank reads the same shards in the same order, so every rank gets this bank.
+
+    Raises:
+        DataToolsError: fewer than two distinct captions (a margin needs another caption to compare with).
+    """
+    seen: dict[str, None] = {}
+    for shard in shards:
+        try:
+            for _, files in iter_tar_samples(shard):
+                text = files.get(caption_key)
+                caption = text.decode("utf-8", errors="replace").strip() if text else ""
+                if caption:
+                    seen.setdefault(caption)
+                    if len(seen) >= size:
+                        return list(seen)
+        except (BrokenTarError, OSError):  # the scorer reports the break as a row; the bank takes what came before
+            continue
+    if len(seen) < 2:
+        raise DataToolsError(f"--bank needs at least 2 distinct captions in the split, found {len(seen)}")
+    return list(seen)
+
+
+def _combine(shards: list[Path], parts: Path, out: Path, rank: int, margin: bool = False) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.concat_tables([pq.read_table(_part_path(parts, s), schema=_score_schema()) for s in shards])
+    schema = _score_schema(margin)
+    table = pa.concat_tables([pq.read_table(_part_path(parts, s), schema=schema) for s in shards])
     tmp = out.with_name(f"{out.name}.rank{rank}{TMP_SUFFIX}")  # ranks finishing together never share a temp file
     pq.write_table(table, tmp)
     os.replace(tmp, out)
@@ -402,6 +467,7 @@ __all__ = [
     "ScoreResult",
     "Scorer",
     "ShardCopyWriter",
+    "caption_bank",
     "choose_replacements",
     "copy_dataset_files",
     "dataset_meta",

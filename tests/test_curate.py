@@ -107,6 +107,53 @@ def test_replaced_pairs_score_lower(noisy_tiny: Path, noisy_tiny_scores: Path) -
     assert sum(replaced) / len(replaced) < sum(clean) / len(clean)
 
 
+def test_score_margin_over_the_caption_bank(noisy_tiny: Path, pretrained: Path, tmp_path: Path) -> None:
+    from mm_ptft.data.stats import image_norm_stats
+    from mm_ptft.models import Tokenize
+    from mm_ptft.tasks import load_trained
+
+    out = tmp_path / "margin.parquet"
+    assert score_dataset(pretrained, noisy_tiny, out, batch_size=64, progress=False, bank=12).combined
+    rows = pq.read_table(out).to_pylist()
+    samples = _split(noisy_tiny)
+    # the bank: the first 12 distinct captions in shard order, read here with plain tarfile
+    bank: list[str] = []
+    for _, files in samples.values():
+        text = files["txt"].decode().strip()
+        if text not in bank and len(bank) < 12:
+            bank.append(text)
+    assert len(bank) == 12
+    cfg, task = load_trained(pretrained)
+    decoder = task.decoder(cfg, False, *image_norm_stats(cfg))
+    tokenize = Tokenize.create(cfg.model.text)
+    keys = list(samples)[:16]
+    items = [decoder({"__key__": k, "__url__": "x", **samples[k][1]}, print) for k in keys]
+    batch = task.collator(tokenize)(items)
+    bank_tokens = tokenize(bank)
+    with torch.no_grad():
+        image = task.model.encode_image(batch["image"], normalize=False).double()
+        text = task.model.encode_text(batch["input_ids"], batch["attention_mask"], normalize=False).double()
+        bank_text = task.model.encode_text(bank_tokens["input_ids"], bank_tokens["attention_mask"], normalize=False)
+    cos = torch.nn.functional.cosine_similarity
+    own = cos(image, text, dim=-1)
+    others = cos(image[:, None], bank_text.double()[None], dim=-1)  # (16, 12)
+    expected = []
+    for i, item in enumerate(items):
+        best = max(others[i, j] for j, c in enumerate(bank) if c != item["caption"])
+        expected.append(own[i] - best)
+    got = torch.tensor([r["margin"] for r in rows[:16]], dtype=torch.float64)
+    torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=0)
+    # a sample whose caption is in the bank never compares with itself: some own captions are, in these 16
+    assert sum(item["caption"] in bank for item in items) > 0
+    # the same parts directory refuses another bank (its rows would mix two definitions of the margin)
+    assert main(["score", "--model", str(pretrained), "--data", str(noisy_tiny), "--out", str(out), "--quiet"]) == 2
+    # and filter reads the column by name
+    kept = tmp_path / "kept"
+    assert main(["filter", "--src", str(noisy_tiny), "--scores", str(out), "--out", str(kept), "--top-fraction", "0.5",
+                 "--column", "margin"]) == 0  # fmt: skip
+    assert json.loads((kept / "dataset.json").read_text())["splits"]["train"]["num_samples"] == 300
+
+
 def test_score_bad_sample_and_resume(fmnist_copy: Path, pretrained: Path, tmp_path: Path) -> None:
     shards = sorted((fmnist_copy / "train").glob("*.tar"))
     bad_key = sorted(tar_samples(shards[1]))[5]
