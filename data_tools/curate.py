@@ -236,7 +236,7 @@ def _write_parquet(rows: dict[str, list], path: Path, tmp_tag: str = "") -> None
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f"{path.name}{tmp_tag}{TMP_SUFFIX}")
+    tmp = path.with_name(f"{path.name}{tmp_tag}.{os.getpid()}{TMP_SUFFIX}")  # two processes never share one
     pq.write_table(pa.table(rows, schema=_score_schema("margin" in rows)), tmp)
     os.replace(tmp, path)
 

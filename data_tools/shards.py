@@ -104,8 +104,10 @@ def fill_template(template: str, name: str) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file so readers never see a partial file."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    """Write ``data`` to ``path`` via a temporary file so readers never see a partial file; the temporary name is
+    the process's own, so processes writing the same file at once (``score`` ranks started together) never share
+    one — the last rename wins, each reader sees one whole file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 

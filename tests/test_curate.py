@@ -193,6 +193,24 @@ def test_score_two_ranks_cover_every_sample_once(fmnist_tiny: Path, pretrained: 
     assert {k for _, k in keys} == set(_split(fmnist_tiny))
 
 
+def test_score_ranks_started_together(fmnist_tiny: Path, pretrained: Path, tmp_path: Path) -> None:
+    """As the docs run them: both ranks at once, racing to create the parts folder's meta.json (a shared temp
+    name once made one of them fail on the other's rename)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "together.parquet"
+    base = [sys.executable, "-m", "data_tools", "score", "--model", str(pretrained), "--data", str(fmnist_tiny),
+            "--out", str(out), "--world", "2", "--quiet", "--bank", "8"]  # fmt: skip
+    procs = [subprocess.Popen([*base, "--rank", str(r)], stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    rows = pq.read_table(out).to_pylist()
+    assert len({(r["shard"], r["key"]) for r in rows}) == len(rows) == 600
+    assert all(r["margin"] is not None for r in rows)
+    assert not list((tmp_path / "together.parquet.parts").glob("*.tmp"))
+
+
 def test_score_refuses_parts_of_another_run(fmnist_tiny: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "s.parquet"
     parts = tmp_path / "s.parquet.parts"
