@@ -1,15 +1,17 @@
 """Peak memory per rank and time per sample against the global contrastive batch: one big batch vs cached
-accumulation at a fixed micro-batch (mm_ptft/train/accumulate.py).
+accumulation at a fixed micro-batch (mm_ptft/train/accumulate.py), with plain accumulation at the same k beside it.
 
     OMP_NUM_THREADS=1 python bench/accum_memory.py [--micro 128] [--max-global 16384] [--cap-gb 6] [--out F.json]
 
 Model: the README recipe (configs/pretrain-fmnist.yaml: ViT 6 × 192 at 28 px + ModernBERT 4 × 192, context 32,
-embedding 128), fp32, ZeRO-2, AdamW, 2 ranks × 1 thread under torchrun, synthetic inputs of the recipe's shapes.
-Two launches, one per mode, each one engine running its global batches in ascending order (256, 512, …; the
-engine's micro-batch or accumulation steps set per size): before each step
-the process's peak resident set is reset (``/proc/self/clear_refs``) and freed heap returned (``malloc_trim``), so
-the peak read after the step is that step's. The single-batch series stops before a step whose predicted peak
-(twice the last one's growth) would pass the cap; the cached series runs to ``--max-global``.
+embedding 128), fp32, ZeRO-2, AdamW, 2 ranks × 1 thread under torchrun, synthetic inputs of the recipe's shapes,
+each micro-batch made when the step asks for it (as a loader yields them). One launch per (mode, global batch), as
+a training run has one batch shape: a warm-up step at that shape, then the measured one — before it the process's
+peak resident set is reset (``/proc/self/clear_refs``) and freed heap returned (``malloc_trim``), so the peak read
+after it is a steady-state step's. Modes: ``single`` (one batch of global/ranks per rank), ``cached`` (k micro-batches
+of ``--micro``, one loss over all), ``plain`` (the same k micro-batches, k independent losses: what DeepSpeed's own
+accumulation holds, the reference for what cached accumulation adds). The single series stops before a size whose
+predicted peak (twice the last one's growth) would pass the cap; the others run to ``--max-global``.
 """
 
 from __future__ import annotations
@@ -43,92 +45,65 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
 
 
-def worker(mode: str, micro: int, sizes: list[int], cap_mb: float, out: Path) -> None:
+def worker(mode: str, micro: int, global_batch: int, out: Path) -> None:
     import torch
 
     from mm_ptft.config import load_config
     from mm_ptft.distributed import all_reduce_max, init_distributed
     from mm_ptft.distributed.engine import build_ds_config, create_engine
     from mm_ptft.tasks import create_task
-    from mm_ptft.train.accumulate import CachedAccumulation
+    from mm_ptft.train.accumulate import CachedAccumulation, PlainAccumulation
     from mm_ptft.train.optim import create_optimizer, create_scheduler
 
     info = init_distributed("gloo")
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(info.rank)
+    per_rank = global_batch // RANKS
+    k = 1 if mode == "single" else max(1, per_rank // micro)
+    size = per_rank if mode == "single" else micro
 
-    def batch(n: int) -> dict:
+    def batch() -> dict:
         return {
-            "image": torch.randn(n, 3, 28, 28, generator=g),
-            "input_ids": torch.randint(1000, 30000, (n, 32), generator=g),
-            "attention_mask": torch.ones(n, 32, dtype=torch.long),
+            "image": torch.randn(size, 3, 28, 28, generator=g),
+            "input_ids": torch.randint(1000, 30000, (size, 32), generator=g),
+            "attention_mask": torch.ones(size, 32, dtype=torch.long),
         }
 
-    def build(per_rank: int, steps: int):
-        cfg = load_config(
-            RECIPE,
-            [
-                f"data.batch_size={per_rank}",
-                f"deepspeed.grad_accum_steps={steps}",
-                "deepspeed.precision=fp32",
-                "deepspeed.zero_stage=2",
-            ],
-        )
-        torch.manual_seed(0)
-        task = create_task(cfg, info.rank, info.world_size)
-        optimizer = create_optimizer(task.model, cfg.optim, prefix="model.")
-        scheduler = create_scheduler(optimizer, cfg.optim, 100)
-        return task, create_engine(task, optimizer, scheduler, build_ds_config(cfg, info.world_size))
-
-    def single_step(engine, per_rank: int) -> None:
-        loss = engine(batch(per_rank))["loss"]
-        engine.backward(loss)
-        engine.step()
-
-    def cached_step(engine, task, k: int) -> None:
-        # one micro-batch made per call, as a loader yields them: what the step holds is the accumulator's doing
-        CachedAccumulation(engine, task, k, lambda b: b, "cpu", info.rank).step(lambda: batch(micro))
-
-    rows, base = [], None
-    task, engine = build(micro, 1)  # one engine per mode (a rebuilt one would keep the last one's memory)
-    single_step(engine, micro)  # warm-up: kernels, allocator, DeepSpeed buffers
-    for global_batch in sizes:
-        per_rank = global_batch // RANKS
-        k = max(1, per_rank // micro)
-        if mode == "single":
-            engine.set_train_micro_batch_size(per_rank)
-        else:
-            engine.set_train_batch_size(k * micro * RANKS)  # k accumulation steps
-        _reset_peak()
-        before = _status_mb("VmRSS")
-        t0 = time.perf_counter()
-        if mode == "single":
-            single_step(engine, per_rank)
-        else:
-            cached_step(engine, task, k)
-        seconds = all_reduce_max(time.perf_counter() - t0)
-        peak = all_reduce_max(_status_mb("VmHWM"))
-        before = all_reduce_max(before)
-        base = before if base is None else base
-        rows.append(
-            {
-                "mode": mode,
-                "global_batch": global_batch,
-                "micro": per_rank if mode == "single" else micro,
-                "k": 1 if mode == "single" else k,
-                "peak_rss_mb": peak,
-                "rss_before_mb": before,
-                "step_s": seconds,
-                "s_per_sample": seconds / global_batch,
-            }
-        )
-        if info.rank == 0:
-            ms = rows[-1]["s_per_sample"] * 1e3
-            print(f"{mode} {global_batch}: peak {peak:.0f} MB, {seconds:.1f} s ({ms:.2f} ms/sample)", flush=True)
-        if mode == "single" and base + 2 * (peak - base) > cap_mb:
-            break  # the next doubling would pass the cap: stop before the machine swaps
+    cfg = load_config(
+        RECIPE,
+        [f"data.batch_size={size}", f"deepspeed.grad_accum_steps={k}", "deepspeed.precision=fp32",
+         "deepspeed.zero_stage=2"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    task = create_task(cfg, info.rank, info.world_size)
+    optimizer = create_optimizer(task.model, cfg.optim, prefix="model.")
+    scheduler = create_scheduler(optimizer, cfg.optim, 100)
+    engine = create_engine(task, optimizer, scheduler, build_ds_config(cfg, info.world_size))
+    if mode == "cached":
+        accumulation = CachedAccumulation(engine, task, k, lambda b: b, "cpu", info.rank)
+    else:  # single is plain accumulation of one micro-batch
+        accumulation = PlainAccumulation(engine, k, lambda b: b)
+    accumulation.step(batch)  # warm-up at this shape: kernels, allocator, DeepSpeed's buffers
+    _reset_peak()
+    before = _status_mb("VmRSS")
+    t0 = time.perf_counter()
+    accumulation.step(batch)
+    seconds = all_reduce_max(time.perf_counter() - t0)
+    row = {
+        "mode": mode,
+        "global_batch": global_batch,
+        "micro": size,
+        "k": k,
+        "peak_rss_mb": all_reduce_max(_status_mb("VmHWM")),
+        "rss_before_mb": all_reduce_max(before),
+        "step_s": seconds,
+        "s_per_sample": seconds / global_batch,
+    }
     if info.rank == 0:
-        out.write_text(json.dumps(rows))
+        ms = row["s_per_sample"] * 1e3
+        peak = row["peak_rss_mb"]
+        print(f"{mode} {global_batch} (k = {k}): peak {peak:.0f} MB, {seconds:.1f} s ({ms:.2f} ms/sample)", flush=True)
+        out.write_text(json.dumps(row))
 
 
 def _port() -> int:
@@ -143,20 +118,23 @@ def _largest(rows: list[dict], cap_mb: float) -> int | None:
 
 
 def table(rows: list[dict], cap_mb: float, micro: int) -> str:
-    single = {r["global_batch"]: r for r in rows if r["mode"] == "single"}
-    cached = {r["global_batch"]: r for r in rows if r["mode"] == "cached"}
-    first = cached[min(cached)]["peak_rss_mb"] if cached else None
+    by = {mode: {r["global_batch"]: r for r in rows if r["mode"] == mode} for mode in ("single", "cached", "plain")}
+    single, cached, plain = by["single"], by["cached"], by["plain"]
+    one = single.get(micro * RANKS) or (cached[min(cached)] if cached else None)  # one micro-batch's step
     lines = [
-        f"| global batch | one batch: peak MB/rank | ms/sample | cached k × {micro} × {RANKS}: k | peak MB/rank "
-        "| vs k=1 | ms/sample | time vs one batch |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| global batch | one batch: peak MB/rank | ms/sample | k × {micro} × {RANKS} | plain: peak MB/rank "
+        "| cached: peak MB/rank | vs one micro-batch | vs plain | ms/sample | time vs one batch |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for n in sorted(set(single) | set(cached)):
-        s, c = single.get(n), cached.get(n)
+    for n in sorted(set(single) | set(cached) | set(plain)):
+        s, c, q = single.get(n), cached.get(n), plain.get(n)
         cells = [f"{n:,}"]
         cells += [f"{s['peak_rss_mb']:,.0f}", f"{s['s_per_sample'] * 1e3:.2f}"] if s else ["—", "—"]
+        cells.append(str((c or q)["k"]) if (c or q) else "—")
+        cells.append(f"{q['peak_rss_mb']:,.0f}" if q else "—")
         if c:
-            cells += [str(c["k"]), f"{c['peak_rss_mb']:,.0f}", f"{c['peak_rss_mb'] / first - 1:+.1%}",
+            cells += [f"{c['peak_rss_mb']:,.0f}", f"{c['peak_rss_mb'] / one['peak_rss_mb'] - 1:+.1%}",
+                      f"{c['peak_rss_mb'] / q['peak_rss_mb'] - 1:+.1%}" if q else "—",
                       f"{c['s_per_sample'] * 1e3:.2f}"]  # fmt: skip
             cells.append(f"{c['s_per_sample'] / s['s_per_sample']:.2f}×" if s else "—")
         else:
@@ -179,33 +157,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-single", type=int, default=16384, help="largest one-batch global size to try")
     p.add_argument("--cap-gb", type=float, default=6.0, help="memory cap per rank (GiB) for the 'largest batch' line")
     p.add_argument("--out", default=None)
-    p.add_argument("--worker", choices=["single", "cached"], default=None, help=argparse.SUPPRESS)
-    p.add_argument("--sizes", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--modes", nargs="+", choices=["single", "cached", "plain"], default=["single", "cached", "plain"])
+    p.add_argument("--worker", choices=["single", "cached", "plain"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--global-batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cap_mb = args.cap_gb * 1024
     if args.worker is not None:
-        sizes = [int(s) for s in args.sizes.split(",")]
-        worker(args.worker, args.micro, sizes, cap_mb, Path(args.work) / f"{args.worker}.json")
+        worker(args.worker, args.micro, args.global_batch, Path(args.work) / f"{args.worker}-{args.global_batch}.json")
         return 0
     work = Path(tempfile.mkdtemp(prefix="mm_ptft_accum_mem_"))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     rows = []
-    for mode, largest in (("single", args.max_single), ("cached", args.max_global)):
-        sizes, n = [], args.min_global
+    for mode in args.modes:
+        largest = args.max_single if mode == "single" else args.max_global
+        n, base = args.min_global, None
         while n <= largest:
-            sizes.append(n)
+            cmd = [BIN / "torchrun", "--nproc-per-node", str(RANKS), "--master-port", str(_port()), __file__,
+                   "--worker", mode, "--global-batch", str(n), "--micro", str(args.micro),
+                   "--work", str(work)]  # fmt: skip
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            print("\n".join(line for line in proc.stdout.splitlines() if line.startswith(mode)), flush=True)
+            if proc.returncode != 0:
+                print(proc.stdout[-3000:])
+                return 1
+            row = json.loads((work / f"{mode}-{n}.json").read_text())
+            rows.append(row)
+            base = row["rss_before_mb"] if base is None else base
+            if mode == "single" and base + 2 * (row["peak_rss_mb"] - base) > cap_mb:
+                break  # the next doubling would pass the cap: stop before the machine swaps
             n *= 2
-        cmd = [BIN / "torchrun", "--nproc-per-node", str(RANKS), "--master-port", str(_port()), __file__,
-               "--worker", mode, "--sizes", ",".join(map(str, sizes)), "--micro", str(args.micro),
-               "--cap-gb", str(args.cap_gb), "--work", str(work)]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        print("\n".join(line for line in proc.stdout.splitlines() if line.startswith(mode)), flush=True)
-        if proc.returncode != 0:
-            print(proc.stdout[-3000:])
-            return 1
-        rows += json.loads((work / f"{mode}.json").read_text())
     print(f"\nrecipe model (ViT 6×192 at 28 px + ModernBERT 4×192), fp32, ZeRO-2, {RANKS} ranks × 1 thread\n")
     print(table(rows, cap_mb, args.micro))
     stamp = time.strftime("%Y%m%d-%H%M")
