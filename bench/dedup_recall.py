@@ -1,7 +1,8 @@
 """Recall of ``data_tools dedup`` on injected near-duplicates, and its false removals on the rest of a real split.
 
-    python bench/dedup_recall.py --src data/fmnist --model runs/pretrain-fmnist-cnn-3ep --work /tmp/dedup-60k \
-        [--per-kind 100] [--thresholds 0.97,0.98,0.99,0.995] [--write 0.99] [--out bench/results/x.json]
+    python bench/dedup_recall.py --src data/fmnist (--model runs/pretrain-fmnist-cnn-3ep | --pixels) \
+        --work /tmp/dedup-60k [--per-kind 100] [--thresholds 0.97,0.98,0.99,0.995] [--write 0.99] \
+        [--out bench/results/x.json]
 
 A copy of ``--src`` gets one more train shard of injected copies: ``--per-kind`` distinct originals for each kind
 of :data:`KINDS` (the same image byte for byte, re-encoded as PNG at another compression, as JPEG q90, resized up
@@ -158,7 +159,9 @@ def removed_at(data, pairs, threshold: float) -> set[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, required=True, help="data_tools dataset directory (clean)")
-    parser.add_argument("--model", required=True, help="contrastive model whose image embeddings dedup uses")
+    near = parser.add_mutually_exclusive_group(required=True)
+    near.add_argument("--model", help="contrastive model whose image embeddings dedup uses")
+    near.add_argument("--pixels", action="store_true", help="dedup's pixel descriptor instead of a model")
     parser.add_argument("--work", type=Path, required=True, help="scratch directory (must not exist)")
     parser.add_argument("--per-kind", type=int, default=100, help="injected copies per kind")
     parser.add_argument("--thresholds", default="0.97,0.98,0.985,0.99,0.995", help="comma-separated cosines")
@@ -171,17 +174,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_tools import main as data_tools_main
     from data_tools.curate import Scorer
-    from data_tools.dedup import _scan_for_dedup, build_index, search_pairs
+    from data_tools.dedup import _pixel_pairs, _scan_for_dedup, build_index, search_pairs
+    from data_tools.pixels import PixelDescriptor
 
     thresholds = sorted(float(t) for t in args.thresholds.split(","))
     start = time.perf_counter()
     data_dir = args.work / "data"
     source = inject_copies(args.src, data_dir, args.per_kind)
-    data = _scan_for_dedup(data_dir, "train", Scorer(args.model, "cpu"), args.batch_size, progress=True)
+    embedder = PixelDescriptor() if args.pixels else Scorer(args.model, "cpu")
+    data = _scan_for_dedup(data_dir, "train", embedder, args.batch_size, progress=True)
     embedded = time.perf_counter()
     rows = np.asarray(data.rows)
     sample_of_row = np.flatnonzero(rows >= 0)
-    ri, rj, sims, nearest = search_pairs(build_index(data.vectors, "flat"), data.vectors, thresholds[0])
+    if args.pixels:
+        ri, rj, sims, nearest = _pixel_pairs(data.vectors, thresholds[0], "flat", None, 8)
+    else:
+        ri, rj, sims, nearest = search_pairs(build_index(data.vectors, "flat"), data.vectors, thresholds[0])
     pairs = (sample_of_row[ri], sample_of_row[rj], sims)
     keys = [key for _, key in data.scan.ids]
     originals = np.array([k not in source for k in keys])
@@ -193,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     searched = time.perf_counter()
     result = {
         "src": str(args.src),
-        "model": str(args.model),
+        "model": "pixels" if args.pixels else str(args.model),
         "samples": len(keys),
         "injected": len(source),
         "per_kind": args.per_kind,
@@ -215,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write is not None:
         out = args.work / "dedup"
         code = data_tools_main(
-            ["dedup", "--src", str(data_dir), "--out", str(out), "--model", str(args.model),
-             "--threshold", str(args.write)]
+            ["dedup", "--src", str(data_dir), "--out", str(out), "--threshold", str(args.write),
+             *(["--pixels"] if args.pixels else ["--model", str(args.model)])]
         )  # fmt: skip
         if code != 0:
             return code

@@ -172,7 +172,15 @@ def _add_dedup_parser(sub) -> None:
     dedup.add_argument("--out", type=Path, required=True, help="dataset directory to write")
     dedup.add_argument("--split", default="train", help="split to deduplicate (others are copied)")
     dedup.add_argument("--model", default=None, help="contrastive model for near duplicates (else exact only)")
-    dedup.add_argument("--threshold", type=float, default=0.95, help="cosine similarity that makes a near duplicate")
+    dedup.add_argument("--pixels", action="store_true",
+                       help="near duplicates by a pixel descriptor instead of a model (re-encoded, resized, lightly "
+                            "cropped copies)")  # fmt: skip
+    dedup.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="similarity that makes a near duplicate (default 0.95 with --model, 0.998 with --pixels)",
+    )
     dedup.add_argument("--keep", choices=["first", "highest-score"], default="first", help="copy kept per group")
     dedup.add_argument("--scores", type=Path, default=None, help="score parquet for --keep highest-score")
     dedup.add_argument("--index", choices=["flat", "ivf"], default="flat", help="faiss index: exact or IVF")
@@ -351,8 +359,9 @@ def _run_dedup(args: argparse.Namespace) -> int:
     result = dedup_dataset(
         args.src, args.out, args.split, args.model, args.threshold, args.keep, args.scores, args.index, args.nlist,
         args.nprobe, args.batch_size, args.report, args.device, args.overwrite, progress=not args.quiet,
+        pixels=args.pixels,
     )  # fmt: skip
-    near = "" if args.model else " (no --model: only exact duplicates removed)"
+    near = "" if args.model or args.pixels else " (no --model or --pixels: only exact duplicates removed)"
     print(
         f"{args.split}: kept {result.samples - result.exact_removed - result.near_removed} of {result.samples}; "
         f"removed {result.exact_removed} exact and {result.near_removed} near duplicates in {result.groups} groups"

@@ -7,6 +7,10 @@
   of them searched: faster for large N, may miss a pair whose two vectors fall in different cells). Each vector's
   ``k`` nearest neighbours are searched; where even the k-th is above the threshold, a range search finds the rest,
   so every pair above the threshold is found (by a flat index).
+- **Near** duplicates without a model (``--pixels``): a pixel descriptor of a 28 × 28 grayscale thumbnail, compared
+  under a small grid of zooms and shifts so re-encoded, resized and lightly cropped copies match
+  (:mod:`data_tools.pixels`; default threshold 0.998). It tells one item from a look-alike where a contrastive model,
+  trained to map a class's images together, cannot; it does not see through larger crops, flips or colour changes.
 - Pairs of both kinds are joined into groups (union-find: a chain a~b, b~c is one group even when a and c are
   further apart than the threshold). Each group keeps one sample: the first in ``(shard, key)`` order, or with
   ``--keep highest-score --scores PARQUET`` the one with the highest score (null scores last, then ``(shard, key)``;
@@ -28,9 +32,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from data_tools.curate import dataset_meta, split_shards
 from data_tools.filter import (
@@ -88,9 +95,10 @@ def build_index(vectors, kind: str = "flat", nlist: int | None = None, nprobe: i
     return index
 
 
-def search_pairs(index, vectors, threshold: float, k: int = NEIGHBOURS) -> tuple[Any, Any, Any, Any]:
+def search_pairs(index, vectors, threshold: float, k: int = NEIGHBOURS, queries=None) -> tuple[Any, Any, Any, Any]:
     """Every pair of rows of ``vectors`` with inner product ≥ ``threshold`` (as far as ``index`` finds them), and
-    each row's nearest-neighbour similarity.
+    each row's nearest-neighbour similarity. ``queries`` (default ``vectors``): what row i searches with — another
+    view of the same row (a transformed image), so row i is still never its own pair.
 
     Returns:
         (i, j, similarity, nearest): int64 arrays with i < j, each pair once, sorted by (i, j); their float32
@@ -104,7 +112,7 @@ def search_pairs(index, vectors, threshold: float, k: int = NEIGHBOURS) -> tuple
     found: list[Any] = []
     batch = max(16, min(4096, _RESULTS_PER_BATCH // max(n, 1)))
     for start in range(0, n, batch):
-        query = vectors[start : start + batch]
+        query = (vectors if queries is None else queries)[start : start + batch]
         rows = np.arange(start, start + len(query))
         sims, ids = index.search(query, k)  # (Q, k) each, best first; -1 ids where fewer than k were found
         other = (ids != rows[:, None]) & (ids >= 0)
@@ -160,7 +168,9 @@ class DedupScan:
     scan: SplitScan
     digests: list[bytes | None] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)  # row of the sample's embedding, -1 where none
-    vectors: Any = None  # (embedded, D) float32 view of the preallocated matrix, or None without a model
+    vectors: Any = None  # (embedded, D) view of the preallocated matrix (float32 embeddings; uint8 thumbnails with
+    # --pixels), or None without either
+    pixels: bool = False
 
 
 def content_hash(data: bytes) -> bytes:
@@ -173,7 +183,9 @@ def _scan_for_dedup(src: Path, split: str, scorer, batch_size: int, progress: bo
 
     meta = dataset_meta(src)
     scan = SplitScan(shards=split_shards(src, meta, split))
-    result = DedupScan(scan)
+    from data_tools.pixels import PixelDescriptor
+
+    result = DedupScan(scan, pixels=isinstance(scorer, PixelDescriptor))
     capacity = meta["splits"][split].get("num_samples")
     if scorer is not None and not isinstance(capacity, int):
         raise DataToolsError(f"{src / 'dataset.json'} gives no num_samples for {split} (rewrite it with data_tools)")
@@ -185,7 +197,7 @@ def _scan_for_dedup(src: Path, split: str, scorer, batch_size: int, progress: bo
         nonlocal matrix, embedded
         vectors = scorer.encode_images([item for _, item in pending])  # (B, D), L2-normalised
         if matrix is None:
-            matrix = np.empty((capacity, vectors.shape[1]), dtype=np.float32)
+            matrix = np.empty((capacity, vectors.shape[1]), dtype=vectors.dtype)
         if embedded + len(vectors) > capacity:
             raise DataToolsError(f"{split} holds more samples than dataset.json's {capacity} (run data_tools verify)")
         matrix[embedded : embedded + len(vectors)] = vectors
@@ -234,7 +246,7 @@ def dedup_dataset(
     out: Path,
     split: str = "train",
     model: str | Path | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     keep: str = "first",
     scores: Path | None = None,
     index: str = "flat",
@@ -245,14 +257,22 @@ def dedup_dataset(
     device: str = "cpu",
     overwrite: bool = False,
     progress: bool = True,
+    pixels: bool = False,
 ) -> DedupResult:
-    """Write ``src`` to ``out`` with one copy of each duplicate group of ``split`` (see the module doc).
+    """Write ``src`` to ``out`` with one copy of each duplicate group of ``split`` (see the module doc); near
+    duplicates under ``model``'s embedding or, with ``pixels``, the pixel descriptor; ``threshold`` defaults to
+    0.95 for a model, 0.998 for pixels.
 
     Raises:
         DataToolsError: a bad option, a model that is not image-text, a scores table that does not match the split.
     """
+    from data_tools import pixels as pixel_descriptor
     from data_tools.curate import Scorer
 
+    if model is not None and pixels:
+        raise DataToolsError("give --model or --pixels for near duplicates, not both")
+    if threshold is None:
+        threshold = pixel_descriptor.THRESHOLD if pixels else DEFAULT_THRESHOLD
     if keep not in ("first", "highest-score"):
         raise DataToolsError(f"--keep must be first or highest-score, got {keep!r}")
     if (keep == "highest-score") != (scores is not None):
@@ -264,9 +284,9 @@ def dedup_dataset(
     if out.resolve() == src.resolve():
         raise DataToolsError("--out must differ from --src")
     table_ids, table_values = read_scores(scores, "score") if scores is not None else ([], [])
-    if model is not None:
+    if model is not None or pixels:
         import_faiss()  # before the slow parts
-    scorer = Scorer(model, device) if model is not None else None
+    scorer = Scorer(model, device) if model is not None else pixel_descriptor.PixelDescriptor() if pixels else None
     data = _scan_for_dedup(src, split, scorer, batch_size, progress)
     ids = data.scan.ids
     n = len(ids)
@@ -274,7 +294,7 @@ def dedup_dataset(
     if scores is not None:
         score_of = dict(zip(ids, align_scores(data.scan, table_ids, table_values, scores, split), strict=True))
 
-    groups, nearest = _join(data, threshold, index, nlist, nprobe)
+    groups, nearest = _join(data, threshold, index, nlist, nprobe, progress)
 
     def rank(i: int) -> tuple:
         if keep == "first":
@@ -297,8 +317,8 @@ def dedup_dataset(
     )
     _write_duplicates(table, out / DUPLICATES_PARQUET)
 
-    options = {"model": None if model is None else str(model), "threshold": threshold, "index": index,
-               "nprobe": nprobe, "keep": keep}  # fmt: skip
+    near_by = str(model) if model is not None else "pixels" if pixels else None
+    options = {"model": near_by, "threshold": threshold, "index": index, "nprobe": nprobe, "keep": keep}
     stats = _dedup_stats(src, split, options, data, table, len(drop), nearest)
     report_dir = report or out / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -336,7 +356,9 @@ def _dedup_stats(src: Path, split: str, options: dict, data: DedupScan, table: d
     }
 
 
-def _join(data: DedupScan, threshold: float, index: str, nlist: int | None, nprobe: int) -> tuple[UnionFind, Any]:
+def _join(
+    data: DedupScan, threshold: float, index: str, nlist: int | None, nprobe: int, progress: bool = False
+) -> tuple[UnionFind, Any]:
     """Samples joined by equal image hashes and, with embeddings, by pairs above the threshold; and each embedded
     sample's nearest-neighbour similarity (None without embeddings)."""
     import numpy as np
@@ -349,10 +371,41 @@ def _join(data: DedupScan, threshold: float, index: str, nlist: int | None, npro
     if data.vectors is None or len(data.vectors) < 2:
         return groups, None
     sample_of_row = np.flatnonzero(np.asarray(data.rows) >= 0)  # rows were filled in sample order
-    rows_i, rows_j, _, nearest = search_pairs(build_index(data.vectors, index, nlist, nprobe), data.vectors, threshold)
+    if data.pixels:
+        rows_i, rows_j, _, nearest = _pixel_pairs(data.vectors, threshold, index, nlist, nprobe, progress)
+    else:
+        index_ = build_index(data.vectors, index, nlist, nprobe)
+        rows_i, rows_j, _, nearest = search_pairs(index_, data.vectors, threshold)
     for a, b in zip(sample_of_row[rows_i].tolist(), sample_of_row[rows_j].tolist(), strict=True):
         groups.union(a, b)
     return groups, nearest
+
+
+def _pixel_pairs(thumbs, threshold: float, index: str, nlist: int | None, nprobe: int, progress: bool = False):
+    """Pairs of thumbnails whose pixel similarity (the best over the transform grid, either side) is ≥ threshold,
+    as :func:`search_pairs` returns them: (i, j, similarity, nearest); ``nearest`` is the best any of a
+    thumbnail's own views reaches against another thumbnail."""
+    import numpy as np
+
+    from data_tools import pixels
+
+    base = pixels.descriptors(thumbs)
+    search = build_index(base, index, nlist, nprobe)
+    n = len(thumbs)
+    keys, sims, nearest = [], [], np.full(n, -np.inf, dtype=np.float32)
+    for t in tqdm(pixels.transforms(), desc="pixel search", unit="view", disable=not progress, file=sys.stderr):
+        queries = None if t is None else pixels.descriptors(thumbs, t)
+        i, j, sim, near = search_pairs(search, base, threshold, queries=queries)
+        keys.append(i * n + j)
+        sims.append(sim)
+        nearest = np.fmax(nearest, near)  # NaN (a lone row) loses to any number
+    keys, sims = np.concatenate(keys), np.concatenate(sims)
+    order = np.lexsort((-sims, keys))  # by pair, its best similarity first
+    keys, sims = keys[order], sims[order]
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    nearest[~np.isfinite(nearest)] = np.nan
+    return keys[first] // n, keys[first] % n, sims[first], nearest
 
 
 def _pairs_to_show(table: dict[str, list]) -> list[tuple[tuple[str, str], tuple[str, str], int]]:
@@ -372,6 +425,8 @@ def _pairs_to_show(table: dict[str, list]) -> list[tuple[tuple[str, str], tuple[
 def _duplicate_rows(data: DedupScan, groups: list[list[int]]) -> dict[str, list]:
     """duplicates.parquet's columns for groups given as member lists, the member to keep first; groups numbered
     in (shard, key) order of their kept copy."""
+    from data_tools.pixels import similarity as pixel_similarity
+
     rows: dict[str, list] = {"key": [], "shard": [], "group": [], "kept": [], "kind": [], "similarity": []}
     vectors = data.vectors
     for number, group in enumerate(sorted(groups, key=lambda g: data.scan.ids[g[0]])):
@@ -382,6 +437,8 @@ def _duplicate_rows(data: DedupScan, groups: list[list[int]]) -> dict[str, list]
             both = vectors is not None and data.rows[i] >= 0 and data.rows[keeper] >= 0
             if i == keeper:
                 similarity = None
+            elif both and data.pixels:
+                similarity = pixel_similarity(vectors[data.rows[i]], vectors[data.rows[keeper]])
             elif both:
                 similarity = float(vectors[data.rows[i]] @ vectors[data.rows[keeper]])
             else:
@@ -426,10 +483,12 @@ def _dedup_markdown(stats: dict) -> str:
         f"- exact duplicates removed (same sha256 of the image bytes): {stats['exact_removed']}",
     ]
     if stats["model"] is None:
-        lines.append("- no `--model`: only exact duplicates were looked for")
+        lines.append("- no `--model` or `--pixels`: only exact duplicates were looked for")
     else:
+        pixel = stats["model"] == "pixels"
+        under = "the pixel descriptor (best over zooms and shifts)" if pixel else f"`{stats['model']}`"
         lines += [
-            f"- near duplicates removed (cosine ≥ {stats['threshold']:g} under `{stats['model']}`, "
+            f"- near duplicates removed (similarity ≥ {stats['threshold']:g} under {under}, "
             f"{stats['index']} index): {stats['near_removed']}",
             f"- of those, joined through a chain and less similar than the threshold to the copy kept: "
             f"{stats['near_removed_below_threshold']}",

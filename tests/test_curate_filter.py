@@ -295,6 +295,70 @@ def test_dedup_near_duplicates_with_the_tiny_model(with_dups, pretrained: Path, 
             assert row["similarity"] >= threshold - 1e-6 or row["kind"] == "exact"
 
 
+def test_dedup_pixels_finds_resized_and_cropped_copies(with_dups, tmp_path: Path, capsys) -> None:
+    """Without a model: the injected copies (re-encoded, resized, cropped) are found by the pixel descriptor at its
+    default threshold — all but resize-down (13/14 of the size: its detail is gone, 1 of its 10 falls just below) —
+    and no original of fmnist_tiny is removed; each removed copy's recorded similarity is the pair's similarity
+    recomputed here from the two images."""
+    pytest.importorskip("faiss")
+    from data_tools import pixels
+
+    root, source = with_dups
+    out = tmp_path / "pixels"
+    assert _dedup(root, out, "--pixels") == 0
+    assert "only exact" not in capsys.readouterr().out
+    measured = _measure(root, out, source)
+    assert all(v == 1.0 for kind, v in measured["found"].items() if kind != "resize-down"), measured["found"]
+    assert measured["found"]["resize-down"] >= 0.8 and measured["recall"] >= 0.95
+    assert measured["originals_removed"] == 0
+    assert verify_dataset(out).ok and {p.name for p in (out / "curation").iterdir()} >= DEDUP_FILES
+    assert "pixel descriptor" in (out / "curation" / "report.md").read_text()
+    samples = _split(root)
+    decode = pixels.PixelDescriptor().decode
+    kept = {r["group"]: r["key"] for r in measured["rows"] if r["kept"]}
+    for row in measured["rows"]:
+        if not row["kept"] and row["kind"] == "near":
+            a, b = (decode(samples[k][1])[0] for k in (row["key"], kept[row["group"]]))
+            assert row["similarity"] == pytest.approx(pixels.similarity(a, b), abs=1e-6)
+            assert row["similarity"] >= pixels.THRESHOLD - 1e-6
+    assert main(["dedup", "--src", str(root), "--out", str(tmp_path / "x"), "--pixels", "--model", "m"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_pixel_pairs_match_brute_force() -> None:
+    """The transform-grid search against every pair scored both ways with numpy, on smooth random thumbnails with
+    planted copies: exact ones, one zoomed by a crop-and-resize, and one inverted (not a duplicate)."""
+    pytest.importorskip("faiss")
+    import torch
+    import torch.nn.functional as F
+
+    from data_tools import pixels
+    from data_tools.dedup import _pixel_pairs
+
+    size = pixels.SIZE
+    coarse = torch.from_numpy(np.random.default_rng(0).random((40, 1, 7, 7), dtype=np.float32))
+    smooth = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    base = (smooth * 255).round().to(torch.uint8).view(40, -1).numpy()
+    crop = F.interpolate(smooth[3:4, :, 1:-1, 1:-1], size=(size, size), mode="bilinear", align_corners=False)
+    zoomed = (crop * 255).round().to(torch.uint8).view(1, -1).numpy()
+    thumbs = np.concatenate([base, base[:3], zoomed, 255 - base[4:5]])  # rows 40-42 exact, 43 zoomed, 44 inverted
+    threshold = 0.99
+    i, j, sim, nearest = _pixel_pairs(thumbs, threshold, "flat", None, 8)
+    views = [pixels.descriptors(thumbs, t) for t in pixels.transforms()]
+    best = np.max([np.maximum(v @ views[0].T, (v @ views[0].T).T) for v in views], axis=0)
+    np.fill_diagonal(best, -np.inf)
+    bi, bj = np.nonzero(np.triu(best >= threshold, 1))
+    found = sorted(zip(i.tolist(), j.tolist(), strict=True))
+    assert found == sorted(zip(bi.tolist(), bj.tolist(), strict=True))
+    assert {(0, 40), (1, 41), (2, 42), (3, 43)} <= set(found)
+    assert not any(44 in pair for pair in found)
+    np.testing.assert_allclose(sim, best[i, j], atol=1e-5)
+    # nearest: the best any of a thumbnail's own views reaches against another's untransformed descriptor
+    own = np.max([v @ views[0].T for v in views], axis=0)
+    np.fill_diagonal(own, -np.inf)
+    np.testing.assert_allclose(nearest, own.max(1), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- pair search
 @pytest.mark.parametrize(("kind", "options"), [("flat", {}), ("ivf", {"nlist": 16, "nprobe": 16})])
 def test_search_pairs_matches_brute_force(kind: str, options: dict) -> None:
