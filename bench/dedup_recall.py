@@ -66,8 +66,10 @@ def make_copy(data: bytes, kind: str) -> tuple[str, bytes]:
     raise ValueError(f"unknown copy kind {kind!r} (kinds: {', '.join(KINDS)})")
 
 
-def inject_copies(src: Path, out: Path, per_kind: int, split: str = "train") -> dict[str, str]:
-    """Copy dataset ``src`` to ``out`` and append one shard of injected copies to ``split``.
+def inject_copies(src: Path, out: Path, per_kind: int, split: str = "train", offset: int = 0) -> dict[str, str]:
+    """Copy dataset ``src`` to ``out`` and append one shard of injected copies to ``split``; the originals are
+    every stride-th sample from ``offset`` (another offset: another set of originals, to check a threshold chosen
+    on one set).
 
     Returns:
         {copy key: its original's key}; copy keys are ``dup-<kind>-NNNN``.
@@ -87,7 +89,7 @@ def inject_copies(src: Path, out: Path, per_kind: int, split: str = "train") -> 
     index = 0
     for path in shards:  # every stride-th sample, spread over the whole split
         for key, files in iter_tar_samples(path):
-            if index % stride == 0 and len(picked) < wanted and image_of(files) is not None:
+            if index % stride == offset % stride and len(picked) < wanted and image_of(files) is not None:
                 picked.append((key, files))
             index += 1
     shutil.copytree(src, out)
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     near.add_argument("--pixels", action="store_true", help="dedup's pixel descriptor instead of a model")
     parser.add_argument("--work", type=Path, required=True, help="scratch directory (must not exist)")
     parser.add_argument("--per-kind", type=int, default=100, help="injected copies per kind")
+    parser.add_argument("--offset", type=int, default=0, help="which originals: every stride-th from this one")
     parser.add_argument("--thresholds", default="0.97,0.98,0.985,0.99,0.995", help="comma-separated cosines")
     parser.add_argument("--write", type=float, default=None, help="run the real dedup at this threshold")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = sorted(float(t) for t in args.thresholds.split(","))
     start = time.perf_counter()
     data_dir = args.work / "data"
-    source = inject_copies(args.src, data_dir, args.per_kind)
+    source = inject_copies(args.src, data_dir, args.per_kind, offset=args.offset)
     embedder = PixelDescriptor() if args.pixels else Scorer(args.model, "cpu")
     data = _scan_for_dedup(data_dir, "train", embedder, args.batch_size, progress=True)
     embedded = time.perf_counter()
@@ -205,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples": len(keys),
         "injected": len(source),
         "per_kind": args.per_kind,
+        "offset": args.offset,
         "embed_s": round(embedded - start, 1),
         "search_s": round(searched - embedded, 1),
         "originals_nearest_quantiles": {
