@@ -38,6 +38,7 @@ from data_tools.shards import (
     atomic_write_json,
     finish_split,
     prepare_split_dir,
+    process_tmp,
     read_json,
 )
 from data_tools.subset import RawShardWriter
@@ -232,11 +233,11 @@ def _score_schema(margin: bool = False):
     return pa.schema(fields + ([("margin", pa.float64())] if margin else []) + [("bad_reason", pa.string())])
 
 
-def _write_parquet(rows: dict[str, list], path: Path, tmp_tag: str = "") -> None:
+def _write_parquet(rows: dict[str, list], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f"{path.name}{tmp_tag}.{os.getpid()}{TMP_SUFFIX}")  # two processes never share one
+    tmp = process_tmp(path)
     pq.write_table(pa.table(rows, schema=_score_schema("margin" in rows)), tmp)
     os.replace(tmp, path)
 
@@ -296,10 +297,6 @@ class Scorer:
         log = _LastReason()
         item = self.decoder(raw, log)
         return item, (None if item is not None else log.reason or "unusable")
-
-    def __call__(self, items: list[dict]) -> list[float]:
-        """Cosine similarity of each decoded item's image and caption, (B,) as floats."""
-        return self.score(items)[0]
 
     def score(self, items: list[dict]) -> tuple[list[float], list[float] | None]:
         """(cosine of each decoded item's image and caption, its margin over the bank or None without a bank)."""
@@ -423,7 +420,7 @@ def score_dataset(
     bar.close()
     combined = all(_part_path(parts, s).is_file() for s in shards)
     if combined:
-        _combine(shards, parts, out, rank, margin=bank > 0)
+        _combine(shards, parts, out, margin=bank > 0)
     return ScoreResult(len(todo), len(mine) - len(todo), samples, bad, combined)
 
 
@@ -451,13 +448,13 @@ def caption_bank(shards: list[Path], size: int, caption_key: str = "txt") -> lis
     return list(seen)
 
 
-def _combine(shards: list[Path], parts: Path, out: Path, rank: int, margin: bool = False) -> None:
+def _combine(shards: list[Path], parts: Path, out: Path, margin: bool = False) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = _score_schema(margin)
     table = pa.concat_tables([pq.read_table(_part_path(parts, s), schema=schema) for s in shards])
-    tmp = out.with_name(f"{out.name}.rank{rank}{TMP_SUFFIX}")  # ranks finishing together never share a temp file
+    tmp = process_tmp(out)  # ranks finishing together never share a temp file
     pq.write_table(table, tmp)
     os.replace(tmp, out)
 

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import sys
 import time
 from collections.abc import Iterable
@@ -103,11 +104,16 @@ def fill_template(template: str, name: str) -> str:
     return template.replace("{}", name)
 
 
+def process_tmp(path: Path) -> Path:
+    """This process's temporary name beside ``path`` (host and pid in it): processes writing the same file at once
+    (``score`` ranks started together, on one host or several sharing a filesystem) never share one — the last
+    rename wins, each reader sees one whole file."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}{TMP_SUFFIX}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file so readers never see a partial file; the temporary name is
-    the process's own, so processes writing the same file at once (``score`` ranks started together) never share
-    one — the last rename wins, each reader sees one whole file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    """Write ``data`` to ``path`` via a temporary file (:func:`process_tmp`) so readers never see a partial file."""
+    tmp = process_tmp(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
