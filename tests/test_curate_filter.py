@@ -17,7 +17,7 @@ import pytest
 from helpers import ROOT, load_script, one_line_error, tar_samples
 from PIL import Image
 
-from data_tools import main, verify_dataset
+from data_tools import dedup, main, verify_dataset
 from data_tools.curate import CORRUPTED_PARQUET
 from data_tools.dedup import build_index, search_pairs
 
@@ -360,9 +360,13 @@ def test_pixel_pairs_match_brute_force() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- pair search
+@pytest.mark.parametrize("blocks", ["one", "many"])
 @pytest.mark.parametrize(("kind", "options"), [("flat", {}), ("ivf", {"nlist": 16, "nprobe": 16})])
-def test_search_pairs_matches_brute_force(kind: str, options: dict) -> None:
+def test_search_pairs_matches_brute_force(kind: str, options: dict, blocks: str, monkeypatch) -> None:
     pytest.importorskip("faiss")
+    if blocks == "many":  # k-NN blocks of 64 queries; the 31 range-searched rows in chunks of 8
+        monkeypatch.setattr(dedup, "_KNN_BATCH", 64)
+        monkeypatch.setattr(dedup, "_RESULTS_PER_BATCH", 8 * 1500)
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(1500, 16)).astype(np.float32)
     vectors[100:130] = vectors[99]  # 31 identical rows: more neighbours above the threshold than k
