@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--bank", type=int, default=0,
                        help="also write a margin column: score minus the best cosine to another of the split's "
                             "first BANK distinct captions (0: no margin)")  # fmt: skip
+    score.add_argument("--neighbours", type=int, default=0,
+                       help="also write agreement (mean cosine of the caption to the captions of the image's "
+                            "NEIGHBOURS nearest images) and consensus (mean rank of score and agreement) columns")  # fmt: skip
+    score.add_argument("--index", choices=["flat", "ivf"], default="flat",
+                       help="with --neighbours: faiss index of the image embeddings, exact or IVF")  # fmt: skip
 
     _add_filter_parser(sub)
     _add_dedup_parser(sub)
@@ -328,7 +333,7 @@ def _run_score(args: argparse.Namespace) -> int:
 
     result = score_dataset(
         args.model, args.data, args.out, args.split, args.batch_size, args.rank, args.world, args.device,
-        progress=not args.quiet, bank=args.bank,
+        progress=not args.quiet, bank=args.bank, neighbours=args.neighbours, index=args.index,
     )  # fmt: skip
     print(
         f"rank {args.rank}: {result.samples} samples scored in {result.scored_shards} shards "

@@ -12,9 +12,17 @@ too: the score minus the image's best cosine to any other caption of a fixed ban
 captions in shard order, the same on every rank), excluding the sample's own text. A replaced caption scores below
 captions that describe the image, so its margin is negative; a clean one's is near or above zero. Unlike the raw
 cosine, the margin is measured against each image's own alternatives, so it does not favour images (or classes)
-the model scores high with any text. Each shard's rows go to
+the model scores high with any text. With ``--neighbours K`` two more: ``agreement``, the mean cosine of the
+sample's caption embedding with the caption embeddings of its image's K nearest images (faiss, over the image
+embeddings of the whole split, the sample itself excluded): how well the caption agrees with what the captions of
+similar images say, a vote of the split that does not rest on the model matching this one pair; and
+``consensus``, the mean of ``score``'s and ``agreement``'s ranks (each in [0, 1)), the column to filter on. A
+replaced caption is often one the model half believes (a shirt captioned "pullover"): its own cosine is fair, but
+the shirts around it are captioned "shirt". Each shard's rows go to
 ``OUT.parts/<shard>.parquet`` first (a rerun skips the shards that have one; ``--rank R --world N`` takes shard
-i where i % N == R), and the parts are combined into OUT once all of them exist.
+i where i % N == R), and the parts are combined into OUT once all of them exist. With ``--neighbours`` each part
+also has ``<shard>.npz``, the image and text embeddings of its readable rows (float32, 2 × D × 4 bytes a sample),
+and the process that combines computes the two columns over all of them.
 """
 
 from __future__ import annotations
@@ -227,6 +235,7 @@ def _part_path(parts: Path, shard: Path) -> Path:
 
 
 def _score_schema(margin: bool = False):
+    """A part's columns (``_combine`` adds ``agreement`` and ``consensus`` before ``bad_reason``)."""
     import pyarrow as pa
 
     fields = [("shard", pa.string()), ("key", pa.string()), ("score", pa.float64())]
@@ -298,8 +307,9 @@ class Scorer:
         item = self.decoder(raw, log)
         return item, (None if item is not None else log.reason or "unusable")
 
-    def score(self, items: list[dict]) -> tuple[list[float], list[float] | None]:
-        """(cosine of each decoded item's image and caption, its margin over the bank or None without a bank)."""
+    def score(self, items: list[dict]) -> tuple[list[float], list[float] | None, Any, Any]:
+        """(cosine of each decoded item's image and caption, its margin over the bank or None without a bank, the
+        L2-normalised image and text embeddings as (B, D) float32 numpy arrays)."""
         import torch
 
         batch = self.collator(items)
@@ -309,14 +319,15 @@ class Scorer:
                 batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
             ).float()  # (B, D), L2-normalised
             score = (image * text).sum(-1)
+            vectors = image.cpu().numpy(), text.cpu().numpy()
             if self.bank_vectors is None:
-                return score.cpu().tolist(), None
+                return score.cpu().tolist(), None, *vectors
             others = image @ self.bank_vectors.T  # (B, M)
             own = [self._bank_index.get(item["caption"]) for item in items]
             rows = [i for i, j in enumerate(own) if j is not None]
             others[rows, [own[i] for i in rows]] = -float("inf")  # never the sample's own text
             margin = score - others.max(-1).values
-        return score.cpu().tolist(), margin.cpu().tolist()
+        return score.cpu().tolist(), margin.cpu().tolist(), *vectors
 
     def encode_images(self, items: list[dict]):
         """L2-normalised image embeddings of decoded items, a (B, D) float32 numpy array (``dedup``'s vectors)."""
@@ -336,9 +347,11 @@ class Scorer:
         return text.float().cpu().numpy()
 
 
-def _score_shard(scorer: Scorer, shard: Path, batch_size: int) -> dict[str, list]:
+def _score_shard(scorer: Scorer, shard: Path, batch_size: int) -> tuple[dict[str, list], dict[str, list]]:
+    """(the shard's rows, {"row", "image", "text"}: the embeddings of its scored rows, batch by batch)."""
     values = ["score"] + (["margin"] if scorer.bank else [])
     rows: dict[str, list] = {"shard": [], "key": [], **{v: [] for v in values}, "bad_reason": []}
+    vectors: dict[str, list] = {"row": [], "image": [], "text": []}
     pending: list[tuple[int, dict]] = []  # (row index, decoded item) waiting for a full batch
 
     def add(key: str | None, reason: str | None) -> int:
@@ -350,11 +363,14 @@ def _score_shard(scorer: Scorer, shard: Path, batch_size: int) -> dict[str, list
         return len(rows["key"]) - 1
 
     def flush() -> None:
-        scores, margins = scorer.score([item for _, item in pending])
+        scores, margins, image, text = scorer.score([item for _, item in pending])
         for i, (row, _) in enumerate(pending):
             rows["score"][row] = scores[i]
             if margins is not None:
                 rows["margin"][row] = margins[i]
+        vectors["row"] += [row for row, _ in pending]
+        vectors["image"].append(image)
+        vectors["text"].append(text)
         pending.clear()
 
     try:
@@ -369,7 +385,7 @@ def _score_shard(scorer: Scorer, shard: Path, batch_size: int) -> dict[str, list
         add(getattr(exc, "key", None), f"tar_error: {exc}")
     if pending:
         flush()
-    return rows
+    return rows, vectors
 
 
 def score_dataset(
@@ -383,9 +399,13 @@ def score_dataset(
     device: str = "cpu",
     progress: bool = True,
     bank: int = 0,
+    neighbours: int = 0,
+    index: str = "flat",
 ) -> ScoreResult:
     """Score every sample of ``data``'s ``split`` this rank owns (see the module doc) and combine the parts into
-    ``out`` once every shard has one; ``bank`` > 0 adds the ``margin`` column over that many distinct captions.
+    ``out`` once every shard has one; ``bank`` > 0 adds the ``margin`` column over that many distinct captions,
+    ``neighbours`` > 0 the ``agreement`` and ``consensus`` columns over that many nearest images (``index``: the
+    faiss index of the image embeddings, ``flat`` exact or ``ivf``).
 
     Raises:
         DataToolsError: bad rank / world, a missing split, a model that is not image-text, parts of another run,
@@ -397,11 +417,16 @@ def score_dataset(
         raise DataToolsError(f"--batch-size must be at least 1, got {batch_size}")
     if bank < 0:
         raise DataToolsError(f"--bank must be 0 (no margin) or more, got {bank}")
+    if neighbours < 0:
+        raise DataToolsError(f"--neighbours must be 0 (no agreement) or more, got {neighbours}")
+    if index not in ("flat", "ivf"):
+        raise DataToolsError(f"--index must be flat or ivf, got {index!r}")
     shards = split_shards(data, dataset_meta(data), split)
     parts = _parts_dir(out)
     parts.mkdir(parents=True, exist_ok=True)
     identity = {"model": str(Path(model).resolve()), "data": str(data.resolve()), "split": split}
-    _check_parts_meta(parts, identity | ({"bank": bank} if bank else {}))
+    extra = ({"bank": bank} if bank else {}) | ({"neighbours": neighbours} if neighbours else {})
+    _check_parts_meta(parts, identity | extra)  # the part files differ with a bank or neighbours
     mine = [s for i, s in enumerate(shards) if i % world == rank]
     todo = [s for s in mine if not _part_path(parts, s).is_file()]
     scorer = Scorer(model, device) if todo else None
@@ -411,7 +436,9 @@ def score_dataset(
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"score rank {rank}", unit="shard",
                file=sys.stderr, disable=not progress)  # fmt: skip
     for shard in todo:
-        rows = _score_shard(scorer, shard, batch_size)
+        rows, vectors = _score_shard(scorer, shard, batch_size)
+        if neighbours:  # before the parquet, whose presence marks the shard done
+            _write_vectors(vectors, _vectors_path(parts, shard))
         _write_parquet(rows, _part_path(parts, shard))
         samples += len(rows["key"])
         bad += sum(r is not None for r in rows["bad_reason"])
@@ -420,7 +447,7 @@ def score_dataset(
     bar.close()
     combined = all(_part_path(parts, s).is_file() for s in shards)
     if combined:
-        _combine(shards, parts, out, margin=bank > 0)
+        _combine(shards, parts, out, margin=bank > 0, neighbours=neighbours, index=index)
     return ScoreResult(len(todo), len(mine) - len(todo), samples, bad, combined)
 
 
@@ -448,12 +475,99 @@ def caption_bank(shards: list[Path], size: int, caption_key: str = "txt") -> lis
     return list(seen)
 
 
-def _combine(shards: list[Path], parts: Path, out: Path, margin: bool = False) -> None:
+def _vectors_path(parts: Path, shard: Path) -> Path:
+    return parts / f"{shard.name}.npz"
+
+
+def _write_vectors(vectors: dict[str, list], path: Path) -> None:
+    import numpy as np
+
+    empty = np.zeros((0, 0), dtype=np.float32)
+    arrays = {k: np.concatenate(vectors[k]) if vectors[k] else empty for k in ("image", "text")}
+    tmp = process_tmp(path)
+    with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _read_vectors(shards: list[Path], parts: Path) -> tuple[Any, Any]:
+    """The image and text embeddings of every scored row of ``shards``, in table order."""
+    import numpy as np
+
+    images, texts = [], []
+    for shard in shards:
+        path = _vectors_path(parts, shard)
+        try:
+            with np.load(path) as z:
+                if len(z["image"]):
+                    images.append(z["image"])
+                    texts.append(z["text"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataToolsError(f"cannot read {path}: {exc} (delete {parts} and score again)") from None
+    if not images:
+        return np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32)
+    return np.concatenate(images), np.concatenate(texts)
+
+
+def caption_agreement(image, text, k: int, index: str = "flat"):
+    """For each row: the mean inner product of its ``text`` row with the ``text`` rows of the ``k`` rows whose
+    ``image`` rows are nearest (inner product, the row itself excluded; fewer when there are fewer other rows).
+    ``image`` and ``text``: (N, D) float32, L2-normalised. Returns (N,) float64, NaN for N < 2."""
+    import numpy as np
+
+    from data_tools.dedup import build_index
+
+    n = len(image)
+    if n < 2:
+        return np.full(n, np.nan)
+    k = min(k, n - 1)
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    text = np.asarray(text, dtype=np.float64)
+    search = build_index(image, index)
+    agreement = np.empty(n)
+    for start in range(0, n, 4096):
+        rows = np.arange(start, min(start + 4096, n))
+        _, ids = search.search(image[rows], k + 1)
+        # the row itself is usually first, but an exact twin can come before it: drop it wherever it is, and
+        # keep the first k others (-1: fewer were found, as an IVF index may)
+        other = (ids != rows[:, None]) & (ids >= 0)
+        other &= np.cumsum(other, axis=1) <= k
+        sims = np.einsum("nd,nkd->nk", text[rows], text[np.where(other, ids, 0)])
+        agreement[rows] = (sims * other).sum(1) / np.maximum(other.sum(1), 1)
+    return agreement
+
+
+def _ranks(values):
+    """Each value's rank among ``values`` in [0, 1): (rank from 0, ties averaged) / N."""
+    from scipy.stats import rankdata
+
+    return (rankdata(values) - 1) / len(values)
+
+
+def _combine(
+    shards: list[Path], parts: Path, out: Path, margin: bool = False, neighbours: int = 0, index: str = "flat"
+) -> None:
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = _score_schema(margin)
     table = pa.concat_tables([pq.read_table(_part_path(parts, s), schema=schema) for s in shards])
+    if neighbours:
+        image, text = _read_vectors(shards, parts)
+        scored = np.flatnonzero(table["score"].is_valid().to_numpy(zero_copy_only=False))
+        if len(scored) != len(image):
+            raise DataToolsError(f"{parts}: {len(scored)} scored rows but {len(image)} embeddings; delete it and "
+                                 "score again")  # fmt: skip
+        agreement, consensus = np.full(len(table), np.nan), np.full(len(table), np.nan)
+        if len(scored):
+            agreement[scored] = caption_agreement(image, text, neighbours, index)
+            if len(scored) > 1:
+                score = table["score"].to_numpy(zero_copy_only=False)[scored]
+                consensus[scored] = (_ranks(score) + _ranks(agreement[scored])) / 2
+        at = table.schema.get_field_index("bad_reason")
+        table = table.add_column(at, "agreement", pa.array(agreement, pa.float64(), mask=np.isnan(agreement)))
+        table = table.add_column(at + 1, "consensus", pa.array(consensus, pa.float64(), mask=np.isnan(consensus)))
     tmp = process_tmp(out)  # ranks finishing together never share a temp file
     pq.write_table(table, tmp)
     os.replace(tmp, out)
@@ -464,6 +578,7 @@ __all__ = [
     "ScoreResult",
     "Scorer",
     "ShardCopyWriter",
+    "caption_agreement",
     "caption_bank",
     "choose_replacements",
     "copy_dataset_files",

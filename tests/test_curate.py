@@ -218,3 +218,67 @@ def test_score_refuses_parts_of_another_run(fmnist_tiny: Path, tmp_path: Path, c
     (parts / "meta.json").write_text(json.dumps({"model": "elsewhere"}))
     assert main(["score", "--model", "x", "--data", str(fmnist_tiny), "--out", str(out)]) == 2
     assert "another run" in capsys.readouterr().err
+
+
+def test_score_agreement_over_the_nearest_images(fmnist_copy: Path, pretrained: Path, tmp_path: Path) -> None:
+    """``--neighbours``: agreement against a brute-force search over the model's own embeddings, consensus against
+    the ranks, the bad sample null in both, two ranks the same table as one."""
+    import numpy as np
+
+    from mm_ptft.data.stats import image_norm_stats
+    from mm_ptft.models import Tokenize
+    from mm_ptft.tasks import load_trained
+
+    shards = sorted((fmnist_copy / "train").glob("*.tar"))
+    bad_key = sorted(tar_samples(shards[3]))[7]
+    corrupt_image(shards[3], bad_key)
+    out, single = tmp_path / "two.parquet", tmp_path / "one.parquet"
+    for rank in (0, 1):
+        score_dataset(pretrained, fmnist_copy, out, batch_size=64, rank=rank, world=2, progress=False, neighbours=5)
+    assert score_dataset(pretrained, fmnist_copy, single, batch_size=100, progress=False, neighbours=5).combined
+    rows = pq.read_table(out).to_pylist()
+    assert rows == pq.read_table(single).to_pylist()
+    assert [r["key"] for r in rows if r["agreement"] is None] == [bad_key]
+    assert [r["key"] for r in rows if r["consensus"] is None] == [bad_key]
+
+    cfg, task = load_trained(pretrained)
+    decoder = task.decoder(cfg, False, *image_norm_stats(cfg))
+    samples = _split(fmnist_copy)
+    good = [r for r in rows if r["bad_reason"] is None]
+    batch = task.collator(Tokenize.create(cfg.model.text))(
+        [decoder({"__key__": r["key"], "__url__": "x", **samples[r["key"]][1]}, print) for r in good]
+    )
+    with torch.no_grad():
+        image = task.model.encode_image(batch["image"]).double().numpy()
+        text = task.model.encode_text(batch["input_ids"], batch["attention_mask"]).double().numpy()
+    sims = image @ image.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1)
+    expected = np.array([(text[i] @ text[order[i, :5]].T).mean() for i in range(len(good))])
+    ranked = np.take_along_axis(sims, order[:, :6], axis=1)
+    clear = ranked[:, 4] - ranked[:, 5] > 1e-5  # the 5th and 6th nearest not a near tie the search may swap
+    assert clear.mean() > 0.9
+    got = np.array([r["agreement"] for r in good])
+    np.testing.assert_allclose(got[clear], expected[clear], atol=1e-5)
+
+    def ranks(v):  # how many values are below, ties sharing the mean of their places, over N
+        below, equal = (v[None] < v[:, None]).sum(1), (v[None] == v[:, None]).sum(1)
+        return (below + (equal - 1) / 2) / len(v)
+
+    consensus = (ranks(np.array([r["score"] for r in good])) + ranks(got)) / 2
+    np.testing.assert_allclose([r["consensus"] for r in good], consensus, atol=1e-9)
+    # parts scored without embeddings are not reused for agreement
+    assert main(["score", "--model", str(pretrained), "--data", str(fmnist_copy), "--out", str(out), "--quiet"]) == 2
+
+
+def test_caption_agreement_skips_the_row_itself_among_twins() -> None:
+    import numpy as np
+
+    from data_tools.curate import caption_agreement
+
+    image = np.eye(4, dtype=np.float32)[[0, 0, 1, 2, 3]]  # rows 0 and 1 the same image
+    text = np.eye(5, dtype=np.float32)
+    text[1] = text[0]  # and the same caption: each is the other's one nearest image, agreement 1
+    got = caption_agreement(image, text, 1)
+    assert got[0] == got[1] == 1.0
+    assert np.isnan(caption_agreement(image[:1], text[:1], 3)).all()
