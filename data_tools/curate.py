@@ -348,10 +348,10 @@ class Scorer:
 
 
 def _score_shard(scorer: Scorer, shard: Path, batch_size: int) -> tuple[dict[str, list], dict[str, list]]:
-    """(the shard's rows, {"row", "image", "text"}: the embeddings of its scored rows, batch by batch)."""
+    """(the shard's rows, {"image", "text"}: the embeddings of its scored rows in row order, batch by batch)."""
     values = ["score"] + (["margin"] if scorer.bank else [])
     rows: dict[str, list] = {"shard": [], "key": [], **{v: [] for v in values}, "bad_reason": []}
-    vectors: dict[str, list] = {"row": [], "image": [], "text": []}
+    vectors: dict[str, list] = {"image": [], "text": []}
     pending: list[tuple[int, dict]] = []  # (row index, decoded item) waiting for a full batch
 
     def add(key: str | None, reason: str | None) -> int:
@@ -368,7 +368,6 @@ def _score_shard(scorer: Scorer, shard: Path, batch_size: int) -> tuple[dict[str
             rows["score"][row] = scores[i]
             if margins is not None:
                 rows["margin"][row] = margins[i]
-        vectors["row"] += [row for row, _ in pending]
         vectors["image"].append(image)
         vectors["text"].append(text)
         pending.clear()
@@ -512,7 +511,8 @@ def _read_vectors(shards: list[Path], parts: Path) -> tuple[Any, Any]:
 def caption_agreement(image, text, k: int, index: str = "flat"):
     """For each row: the mean inner product of its ``text`` row with the ``text`` rows of the ``k`` rows whose
     ``image`` rows are nearest (inner product, the row itself excluded; fewer when there are fewer other rows).
-    ``image`` and ``text``: (N, D) float32, L2-normalised. Returns (N,) float64, NaN for N < 2."""
+    ``image`` and ``text``: (N, D) float32, L2-normalised. Returns (N,) float64; NaN for a row with no other row
+    found (N < 2, or an IVF search whose cells held none)."""
     import numpy as np
 
     from data_tools.dedup import build_index
@@ -525,15 +525,17 @@ def caption_agreement(image, text, k: int, index: str = "flat"):
     text = np.asarray(text, dtype=np.float64)
     search = build_index(image, index)
     agreement = np.empty(n)
-    for start in range(0, n, 4096):
-        rows = np.arange(start, min(start + 4096, n))
+    block = max(1, min(4096, (1 << 24) // ((k + 1) * text.shape[1])))  # bounds the (block, k, D) gather
+    for start in range(0, n, block):
+        rows = np.arange(start, min(start + block, n))
         _, ids = search.search(image[rows], k + 1)
         # the row itself is usually first, but an exact twin can come before it: drop it wherever it is, and
         # keep the first k others (-1: fewer were found, as an IVF index may)
         other = (ids != rows[:, None]) & (ids >= 0)
         other &= np.cumsum(other, axis=1) <= k
         sims = np.einsum("nd,nkd->nk", text[rows], text[np.where(other, ids, 0)])
-        agreement[rows] = (sims * other).sum(1) / np.maximum(other.sum(1), 1)
+        found = other.sum(1)
+        agreement[rows] = np.where(found > 0, (sims * other).sum(1) / np.maximum(found, 1), np.nan)
     return agreement
 
 
@@ -562,9 +564,10 @@ def _combine(
         agreement, consensus = np.full(len(table), np.nan), np.full(len(table), np.nan)
         if len(scored):
             agreement[scored] = caption_agreement(image, text, neighbours, index)
-            if len(scored) > 1:
-                score = table["score"].to_numpy(zero_copy_only=False)[scored]
-                consensus[scored] = (_ranks(score) + _ranks(agreement[scored])) / 2
+            both = scored[np.isfinite(agreement[scored])]  # ranked among the rows that have both values
+            if len(both):
+                score = table["score"].to_numpy(zero_copy_only=False)[both]
+                consensus[both] = (_ranks(score) + _ranks(agreement[both])) / 2
         at = table.schema.get_field_index("bad_reason")
         table = table.add_column(at, "agreement", pa.array(agreement, pa.float64(), mask=np.isnan(agreement)))
         table = table.add_column(at + 1, "consensus", pa.array(consensus, pa.float64(), mask=np.isnan(consensus)))

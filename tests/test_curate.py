@@ -282,3 +282,15 @@ def test_caption_agreement_skips_the_row_itself_among_twins() -> None:
     got = caption_agreement(image, text, 1)
     assert got[0] == got[1] == 1.0
     assert np.isnan(caption_agreement(image[:1], text[:1], 3)).all()
+    # more rows than one search block: the same as brute force
+    rng = np.random.default_rng(0)
+    image, text = (rng.normal(size=(5000, 8)).astype(np.float32) for _ in range(2))
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    sims = image.astype(np.float64) @ image.T.astype(np.float64)
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1)
+    expected = np.einsum("nd,nkd->n", text.astype(np.float64), text.astype(np.float64)[order[:, :3]]) / 3
+    ranked = np.take_along_axis(sims, order[:, 2:4], axis=1)
+    clear = ranked[:, 0] - ranked[:, 1] > 1e-5  # no near tie at the 3rd neighbour for float32 search to swap
+    assert clear.mean() > 0.99
+    np.testing.assert_allclose(caption_agreement(image, text, 3)[clear], expected[clear], atol=1e-5)
