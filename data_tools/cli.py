@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "first BANK distinct captions (0: no margin)")  # fmt: skip
     score.add_argument("--neighbours", type=int, default=0,
                        help="also write agreement (mean cosine of the caption to the captions of the image's "
-                            "NEIGHBOURS nearest images) and consensus (mean rank of score and agreement) columns")  # fmt: skip
+                            "NEIGHBOURS nearest images) and consensus (mean rank of score and agreement) "
+                            "columns")  # fmt: skip
     score.add_argument("--index", choices=["flat", "ivf"], default="flat",
                        help="with --neighbours: faiss index of the image embeddings, exact or IVF")  # fmt: skip
 
