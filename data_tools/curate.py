@@ -347,8 +347,11 @@ class Scorer:
         return text.float().cpu().numpy()
 
 
-def _score_shard(scorer: Scorer, shard: Path, batch_size: int) -> tuple[dict[str, list], dict[str, list]]:
-    """(the shard's rows, {"image", "text"}: the embeddings of its scored rows in row order, batch by batch)."""
+def _score_shard(
+    scorer: Scorer, shard: Path, batch_size: int, keep_vectors: bool = False
+) -> tuple[dict[str, list], dict[str, list]]:
+    """(the shard's rows, {"image", "text"}: the embeddings of its scored rows in row order, batch by batch, when
+    ``keep_vectors``; empty lists otherwise)."""
     values = ["score"] + (["margin"] if scorer.bank else [])
     rows: dict[str, list] = {"shard": [], "key": [], **{v: [] for v in values}, "bad_reason": []}
     vectors: dict[str, list] = {"image": [], "text": []}
@@ -368,8 +371,9 @@ def _score_shard(scorer: Scorer, shard: Path, batch_size: int) -> tuple[dict[str
             rows["score"][row] = scores[i]
             if margins is not None:
                 rows["margin"][row] = margins[i]
-        vectors["image"].append(image)
-        vectors["text"].append(text)
+        if keep_vectors:
+            vectors["image"].append(image)
+            vectors["text"].append(text)
         pending.clear()
 
     try:
@@ -435,7 +439,7 @@ def score_dataset(
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"score rank {rank}", unit="shard",
                file=sys.stderr, disable=not progress)  # fmt: skip
     for shard in todo:
-        rows, vectors = _score_shard(scorer, shard, batch_size)
+        rows, vectors = _score_shard(scorer, shard, batch_size, keep_vectors=neighbours > 0)
         if neighbours:  # before the parquet, whose presence marks the shard done
             _write_vectors(vectors, _vectors_path(parts, shard))
         _write_parquet(rows, _part_path(parts, shard))
