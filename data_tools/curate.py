@@ -27,6 +27,7 @@ and the process that combines computes the two columns over all of them.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -43,6 +44,7 @@ from data_tools.shards import (
     DATASET_JSON,
     TMP_SUFFIX,
     DataToolsError,
+    atomic_write_bytes,
     atomic_write_json,
     finish_split,
     prepare_split_dir,
@@ -487,10 +489,9 @@ def _write_vectors(vectors: dict[str, list], path: Path) -> None:
 
     empty = np.zeros((0, 0), dtype=np.float32)
     arrays = {k: np.concatenate(vectors[k]) if vectors[k] else empty for k in ("image", "text")}
-    tmp = process_tmp(path)
-    with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _read_vectors(shards: list[Path], parts: Path) -> tuple[Any, Any]:
