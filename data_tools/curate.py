@@ -546,9 +546,11 @@ def caption_agreement(image, text, k: int, index: str = "flat"):
 
 def _ranks(values):
     """Each value's rank among ``values`` in [0, 1): (rank from 0, ties averaged) / N."""
-    from scipy.stats import rankdata
+    import numpy as np
 
-    return (rankdata(values) - 1) / len(values)
+    _, where, counts = np.unique(values, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts  # rank from 0 of each distinct value's first copy
+    return (first + (counts - 1) / 2)[where] / len(values)
 
 
 def _combine(
